@@ -1,0 +1,59 @@
+//! Everything identity reads from the environment, read once and checked before binding.
+
+use crate::service::PhonePolicy;
+use healthcode_cache::RedisSettings;
+use healthcode_config::{ConfigError, Env};
+use healthcode_crypto::{BlindIndex, FieldCipher, SigningKey, TrustedKeys};
+use healthcode_db::DbConfig;
+use healthcode_server::ServerSettings;
+use healthcode_telemetry::TelemetryConfig;
+use std::time::Duration;
+
+pub const DEFAULT_PORT: u16 = 50051;
+
+pub struct IdentityConfig {
+    pub server: ServerSettings,
+    pub db: DbConfig,
+    pub redis: Option<RedisSettings>,
+    /// Prefix of every cache key this deployment writes (`CACHE_PREFIX`).
+    pub cache_prefix: String,
+    pub telemetry: TelemetryConfig,
+    pub field_cipher: FieldCipher,
+    pub blind_index: BlindIndex,
+    pub signing_key: SigningKey,
+    pub issuer_keys: TrustedKeys,
+    pub phone: PhonePolicy,
+}
+
+impl IdentityConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let field_cipher = FieldCipher::parse(&env.required::<String>("DATA_KEYS")?)
+            .map_err(|e| ConfigError::invalid("DATA_KEYS", e))?;
+        let blind_index = BlindIndex::from_hex(&env.required::<String>("BLIND_INDEX_KEY")?)
+            .map_err(|e| ConfigError::invalid("BLIND_INDEX_KEY", e))?;
+        let signing_key = SigningKey::from_hex(
+            env.or("SIGNING_KEY_ID", "identity-1".to_owned())?,
+            &env.required::<String>("SIGNING_KEY")?,
+        )
+        .map_err(|e| ConfigError::invalid("SIGNING_KEY", e))?;
+        let issuer_keys = TrustedKeys::parse(&env.or("AUTH_ISSUER_KEYS", String::new())?)
+            .map_err(|e| ConfigError::invalid("AUTH_ISSUER_KEYS", e))?;
+        let phone = PhonePolicy {
+            code_ttl: Duration::from_secs(env.or("PHONE_CODE_TTL_SECONDS", 300u64)?.max(1)),
+            attempts: env.or("PHONE_CODE_ATTEMPTS", 5u32)?.max(1),
+            codes_per_hour: env.or("PHONE_CODES_PER_HOUR", 5u64)?.max(1),
+        };
+        Ok(IdentityConfig {
+            server: ServerSettings::from_env(env, ([0, 0, 0, 0], DEFAULT_PORT).into())?,
+            db: DbConfig::from_env(env)?,
+            redis: RedisSettings::from_env(env)?,
+            cache_prefix: env.or("CACHE_PREFIX", "hc:".to_owned())?,
+            telemetry: TelemetryConfig::from_env(env, "identity")?,
+            field_cipher,
+            blind_index,
+            signing_key,
+            issuer_keys,
+            phone,
+        })
+    }
+}

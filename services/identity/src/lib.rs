@@ -1,0 +1,89 @@
+//! The identity service: real-name registration, the four verification steps, the review
+//! queue, dependents, and masked views.
+
+pub mod config;
+pub mod domain;
+pub mod migration;
+pub mod providers;
+pub mod rpc;
+pub mod service;
+pub mod store;
+
+use crate::config::IdentityConfig;
+use crate::providers::Providers;
+use crate::rpc::IdentityRpc;
+use crate::service::Identity;
+use crate::store::{Sealer, Store};
+use healthcode_auth::TokenVerifier;
+use healthcode_proto::identity::v1::identity_service_server::{
+    IdentityServiceServer, SERVICE_NAME,
+};
+use healthcode_server::RunningServer;
+use sea_orm::DatabaseConnection;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("database: {0}")]
+    Database(#[from] sea_orm::DbErr),
+    #[error("cache: {0}")]
+    Cache(#[from] healthcode_cache::CacheError),
+    #[error("cannot bind: {0}")]
+    Bind(#[from] std::io::Error),
+}
+
+/// A running identity service.
+pub struct Application {
+    server: RunningServer,
+    db: DatabaseConnection,
+}
+
+impl Application {
+    /// Connects, migrates, binds (port 0 allowed) and serves in the background.
+    pub async fn build(config: IdentityConfig, providers: Providers) -> Result<Self, StartError> {
+        let db = healthcode_db::connect_and_migrate::<migration::Migrator>(&config.db).await?;
+        let cache =
+            healthcode_cache::from_settings(config.redis.as_ref(), &config.cache_prefix).await?;
+        let store = Store::new(db.clone(), Sealer::new(Arc::new(config.field_cipher)));
+        let identity = Identity::new(
+            store,
+            cache,
+            providers,
+            Arc::new(config.blind_index),
+            Arc::new(config.signing_key),
+            config.phone,
+        );
+        let rpc = IdentityRpc::new(Arc::new(identity), TokenVerifier::new(config.issuer_keys));
+        let routes = tonic::service::Routes::new(
+            IdentityServiceServer::new(rpc)
+                // Passport pages and visa images travel in one request.
+                .max_decoding_message_size(8 * 1024 * 1024),
+        );
+        let server = healthcode_server::start(
+            &config.server,
+            routes,
+            &[SERVICE_NAME],
+            healthcode_proto::FILE_DESCRIPTOR_SET,
+        )
+        .await?;
+        Ok(Application { server, db })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The database, for tests that look at what was stored.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Drains in-flight requests, then closes the database pool.
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
+        if let Err(err) = self.db.close().await {
+            tracing::warn!(error = %err, "closing the database pool");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Redis, one node or a Cluster. Multi-key reads are pipelined; compare-and-set is a script,
+//! so it is atomic on the node that owns the key.
+
+use crate::{Cache, CacheError, Versioned};
+use async_trait::async_trait;
+use healthcode_config::{ConfigError, Env};
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    /// Longest wait for one reply; past it the caller falls back to the database.
+    pub response_timeout: Duration,
+}
+
+impl RedisSettings {
+    /// `REDIS_URL` (unset = no Redis), `REDIS_CLUSTER`, `REDIS_TIMEOUT_MS`.
+    pub fn from_env(env: &Env) -> Result<Option<Self>, ConfigError> {
+        let Some(raw) = env.optional::<String>("REDIS_URL")? else {
+            return Ok(None);
+        };
+        let urls: Vec<String> = raw.split(',').map(|s| s.trim().to_owned()).collect();
+        if urls
+            .iter()
+            .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+        {
+            return Err(ConfigError::invalid(
+                "REDIS_URL",
+                "expected redis:// or rediss:// URLs, comma-separated for a cluster",
+            ));
+        }
+        let cluster = env.or("REDIS_CLUSTER", false)? || urls.len() > 1;
+        let timeout_ms = env.or("REDIS_TIMEOUT_MS", 500u64)?;
+        Ok(Some(RedisSettings {
+            urls,
+            cluster,
+            response_timeout: Duration::from_millis(timeout_ms.max(1)),
+        }))
+    }
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub struct RedisCache {
+    prefix: String,
+    connection: Connection,
+    set_if_newer: redis::Script,
+    incr_window: redis::Script,
+}
+
+impl std::fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+const SET_IF_NEWER: &str = r"
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return 1
+";
+
+const INCR_WINDOW: &str = r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return n
+";
+
+fn unavailable(err: redis::RedisError) -> CacheError {
+    if err.kind() == redis::ErrorKind::UnexpectedReturnType {
+        CacheError::Corrupt(err.to_string())
+    } else {
+        CacheError::Unavailable(err.to_string())
+    }
+}
+
+fn millis(ttl: Option<Duration>) -> u64 {
+    ttl.map(|t| t.as_millis().clamp(1, u64::MAX as u128) as u64)
+        .unwrap_or(0)
+}
+
+impl RedisCache {
+    /// A single node connects lazily and reconnects by itself, so a service starts (and
+    /// serves from its database) while Redis is down.
+    pub async fn connect(settings: &RedisSettings, prefix: &str) -> Result<Self, CacheError> {
+        let connection = if settings.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
+                .connection_timeout(Duration::from_secs(1))
+                .response_timeout(settings.response_timeout)
+                .build()
+                .map_err(unavailable)?;
+            Connection::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+        } else {
+            let url = settings
+                .urls
+                .first()
+                .ok_or_else(|| CacheError::Unavailable("no Redis URL".into()))?;
+            let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(Some(settings.response_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(2));
+            Connection::Single(
+                ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?,
+            )
+        };
+        Ok(RedisCache {
+            prefix: prefix.to_owned(),
+            connection,
+            set_if_newer: redis::Script::new(SET_IF_NEWER),
+            incr_window: redis::Script::new(INCR_WINDOW),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key)
+    }
+
+    fn connection(&self) -> Connection {
+        self.connection.clone()
+    }
+}
+
+fn versioned(fields: (Option<u64>, Option<Vec<u8>>)) -> Result<Option<Versioned>, CacheError> {
+    match fields {
+        (Some(version), Some(data)) => Ok(Some(Versioned { version, data })),
+        (None, None) => Ok(None),
+        _ => Err(CacheError::Corrupt(
+            "versioned value missing a field".into(),
+        )),
+    }
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        redis::cmd("GET")
+            .arg(self.key(key))
+            .query_async(&mut self.connection())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<(), CacheError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(key)).arg(value);
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(millis(Some(ttl)));
+        }
+        cmd.query_async::<()>(&mut self.connection())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        redis::cmd("DEL")
+            .arg(self.key(key))
+            .query_async::<()>(&mut self.connection())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn incr_window(&self, key: &str, ttl: Duration) -> Result<u64, CacheError> {
+        self.incr_window
+            .key(self.key(key))
+            .arg(millis(Some(ttl)))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn set_if_newer(
+        &self,
+        key: &str,
+        version: u64,
+        data: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, CacheError> {
+        let stored: i64 = self
+            .set_if_newer
+            .key(self.key(key))
+            .arg(version)
+            .arg(data)
+            .arg(millis(ttl))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        Ok(stored == 1)
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<Option<Versioned>, CacheError> {
+        let fields: (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(self.key(key))
+            .arg("v")
+            .arg("d")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        versioned(fields)
+    }
+
+    async fn get_versioned_many(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<Versioned>>, CacheError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HMGET").arg(self.key(key)).arg("v").arg("d");
+        }
+        let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe
+            .query_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        rows.into_iter().map(versioned).collect()
+    }
+}

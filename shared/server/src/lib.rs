@@ -1,0 +1,267 @@
+//! How every service serves: the same middleware in the same order, the standard health and
+//! reflection services, and a graceful drain on SIGTERM.
+
+use healthcode_config::{ConfigError, Env};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+pub use healthcode_telemetry::ServerTraceLayer;
+pub use tonic_health;
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// `LISTEN_ADDR`; port 0 picks a free port (tests, the single-process mesh).
+    pub listen_addr: SocketAddr,
+    /// `MAX_CONCURRENT_REQUESTS`: beyond it requests are refused at once, never queued.
+    pub max_concurrent_requests: usize,
+    /// `REQUEST_TIMEOUT_MS`: the longest any handler may run, whatever deadline the caller set.
+    pub request_timeout: Duration,
+    /// `SHUTDOWN_GRACE_SECONDS`: how long in-flight requests may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerSettings {
+    pub fn from_env(env: &Env, default_listen_addr: SocketAddr) -> Result<Self, ConfigError> {
+        let max_concurrent_requests = env.or("MAX_CONCURRENT_REQUESTS", 512usize)?;
+        if max_concurrent_requests == 0 {
+            return Err(ConfigError::invalid(
+                "MAX_CONCURRENT_REQUESTS",
+                "must be at least 1",
+            ));
+        }
+        let timeout_ms = env.or("REQUEST_TIMEOUT_MS", 5_000u64)?;
+        if timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "REQUEST_TIMEOUT_MS",
+                "must be at least 1",
+            ));
+        }
+        Ok(ServerSettings {
+            listen_addr: env.or("LISTEN_ADDR", default_listen_addr)?,
+            max_concurrent_requests,
+            request_timeout: Duration::from_millis(timeout_ms),
+            shutdown_grace: Duration::from_secs(env.or("SHUTDOWN_GRACE_SECONDS", 20u64)?),
+        })
+    }
+}
+
+/// A server that is accepting requests.
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    health: HealthReporter,
+    service_names: Vec<String>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, reports NOT_SERVING, lets in-flight requests finish within the grace
+    /// period, then returns.
+    pub async fn shutdown(self) {
+        for name in &self.service_names {
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let _ = self.stop.send(true);
+        let abort = self.task.abort_handle();
+        match tokio::time::timeout(self.grace, self.task).await {
+            Ok(Ok(Ok(()))) => tracing::info!(addr = %self.local_addr, "server drained"),
+            Ok(Ok(Err(err))) => tracing::error!(error = %err, "server stopped with an error"),
+            Ok(Err(err)) => tracing::error!(error = %err, "server task failed"),
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "requests still running after the grace period; aborting");
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Binds `settings.listen_addr`, adds health and reflection to `routes`, and serves in the
+/// background. `service_names` are the fully-qualified gRPC service names to report as
+/// SERVING in the health service.
+pub async fn start(
+    settings: &ServerSettings,
+    routes: Routes,
+    service_names: &[&str],
+    file_descriptor_set: &'static [u8],
+) -> std::io::Result<RunningServer> {
+    let listener = TcpListener::bind(settings.listen_addr).await?;
+    let local_addr = listener.local_addr()?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in service_names {
+        health
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    health.set_service_status("", ServingStatus::Serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(file_descriptor_set)
+        .build_v1()
+        .map_err(std::io::Error::other)?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(file_descriptor_set)
+        .build_v1alpha()
+        .map_err(std::io::Error::other)?;
+    let routes = routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let layers = tower::ServiceBuilder::new()
+        // Outermost, so that even a refused request is a span in the caller's trace.
+        .layer(ServerTraceLayer)
+        // Refuse what is beyond capacity at once instead of queueing without bound; probes
+        // and reflection are exempt, so a busy pod is not restarted for being busy.
+        .layer(ShedLayer::new(settings.max_concurrent_requests))
+        .into_inner();
+
+    let (stop, mut stopped) = watch::channel(false);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            // gRPC answers are small; Nagle's algorithm would only add latency.
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    });
+    let server = tonic::transport::Server::builder()
+        // Bounds every handler, on top of the caller's own grpc-timeout.
+        .timeout(settings.request_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(layers)
+        .add_routes(routes);
+    let task = tokio::spawn(async move {
+        server
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tracing::info!(addr = %local_addr, services = ?service_names, "serving");
+    Ok(RunningServer {
+        local_addr,
+        health,
+        service_names: service_names.iter().map(|s| s.to_string()).collect(),
+        stop,
+        task,
+        grace: settings.shutdown_grace,
+    })
+}
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C received; draining"),
+        _ = term => tracing::info!("SIGTERM received; draining"),
+    }
+}
+
+/// Admission control shared by every connection of the process.
+#[derive(Debug, Clone)]
+pub struct ShedLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl ShedLayer {
+    pub fn new(max_concurrent: usize) -> Self {
+        ShedLayer {
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Shed {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Shed<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+fn is_exempt(path: &str) -> bool {
+    path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Shed<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if is_exempt(request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let future = self.inner.call(request);
+                Box::pin(async move {
+                    let response = future.await;
+                    drop(permit);
+                    response
+                })
+            }
+            Err(_) => {
+                tracing::warn!("over capacity; request refused");
+                let status =
+                    tonic::Status::resource_exhausted("server over capacity; retry with backoff");
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}

@@ -1,1 +1,107 @@
+//! What every integration test needs: a fresh PostgreSQL database or SQLite file, its own
+//! Redis key space, fresh keys, and caller tokens. The services run for real, on port 0.
 
+use healthcode_auth::{TokenIssuer, roles};
+use healthcode_config::Env;
+use healthcode_crypto::SigningKey;
+use sea_orm::{ConnectionTrait, Database};
+
+pub const ADMIN_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| ADMIN_DATABASE_URL.to_owned())
+}
+
+fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| REDIS_URL.to_owned())
+}
+
+/// Where a test's service keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL and Redis on this machine: what production runs.
+    Real,
+    /// SQLite and the in-process cache: the embedded default.
+    Embedded,
+}
+
+/// Creates a database of its own on the PostgreSQL server and returns its URL.
+pub async fn fresh_postgres_database() -> String {
+    let admin = admin_url();
+    let name = format!("hc_it_{}", uuid::Uuid::new_v4().simple());
+    let db = Database::connect(admin.as_str())
+        .await
+        .expect("PostgreSQL must be running (see stack.md)");
+    db.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    db.close().await.ok();
+    let base = admin
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+pub fn fresh_sqlite_url() -> String {
+    let dir = std::env::temp_dir().join(format!("hc-it-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    format!("sqlite://{}?mode=rwc", dir.join("identity.db").display())
+}
+
+/// Fresh keys and an issuer whose tokens the service trusts.
+pub struct TestKeys {
+    pub issuer: TokenIssuer,
+}
+
+impl Default for TestKeys {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestKeys {
+    pub fn new() -> Self {
+        TestKeys {
+            issuer: TokenIssuer::new(SigningKey::generate("test-issuer").expect("issuer key")),
+        }
+    }
+
+    pub fn token(&self, subject: &str, granted: &[&str]) -> String {
+        self.issuer
+            .mint(subject, granted, chrono::Utc::now().timestamp(), 3600)
+            .expect("mint")
+    }
+
+    pub fn app(&self) -> String {
+        self.token("super-app", &[roles::APP])
+    }
+}
+
+/// The environment of an identity service for `backend`, listening on a free port.
+pub async fn identity_env(backend: Backend, keys: &TestKeys) -> Env {
+    let mut env = Env::from_pairs(identity::config::generate_dev_secrets().expect("secrets"))
+        .with("LISTEN_ADDR", "127.0.0.1:0")
+        .with("AUTH_ISSUER_KEYS", keys.issuer.trusted_spec())
+        .with("SHUTDOWN_GRACE_SECONDS", "5")
+        .with(
+            "CACHE_PREFIX",
+            format!("it:{}:", uuid::Uuid::new_v4().simple()),
+        );
+    env = match backend {
+        Backend::Real => env
+            .with("DATABASE_URL", fresh_postgres_database().await)
+            .with("REDIS_URL", redis_url()),
+        Backend::Embedded => env.with("DATABASE_URL", fresh_sqlite_url()),
+    };
+    env
+}
+
+/// `authorization` metadata for a request.
+pub fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {token}").parse().expect("ascii token");
+    request.metadata_mut().insert("authorization", value);
+    request
+}

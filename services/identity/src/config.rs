@@ -57,3 +57,15 @@ impl IdentityConfig {
         })
     }
 }
+
+/// Fresh secrets for a development or test deployment, as `(variable, value)` pairs. Never
+/// for production: there the secrets come from the operator's Secret.
+pub fn generate_dev_secrets() -> Result<Vec<(String, String)>, healthcode_crypto::CryptoError> {
+    let signing_key = SigningKey::generate("identity-dev-1")?;
+    Ok(vec![
+        ("DATA_KEYS".into(), FieldCipher::generate_spec("dev-1")?),
+        ("BLIND_INDEX_KEY".into(), BlindIndex::generate_hex()?),
+        ("SIGNING_KEY".into(), signing_key.secret_hex()),
+        ("SIGNING_KEY_ID".into(), signing_key.key_id().to_owned()),
+    ])
+}

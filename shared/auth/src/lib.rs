@@ -81,6 +81,19 @@ impl TokenIssuer {
         TokenIssuer { key }
     }
 
+    /// The `AUTH_ISSUER_KEYS` entry (`key id:public key hex`) that trusts this issuer.
+    pub fn trusted_spec(&self) -> String {
+        format!(
+            "{}:{}",
+            self.key.key_id(),
+            self.key.verifying_key().to_hex()
+        )
+    }
+
+    pub fn key(&self) -> &SigningKey {
+        &self.key
+    }
+
     pub fn mint(
         &self,
         subject: &str,

@@ -83,6 +83,7 @@ impl TestKeys {
 pub async fn identity_env(backend: Backend, keys: &TestKeys) -> Env {
     let mut env = Env::from_pairs(identity::config::generate_dev_secrets().expect("secrets"))
         .with("LISTEN_ADDR", "127.0.0.1:0")
+        .with("PROVIDERS", "local")
         .with("AUTH_ISSUER_KEYS", keys.issuer.trusted_spec())
         .with("SHUTDOWN_GRACE_SECONDS", "5")
         .with(
@@ -104,4 +105,28 @@ pub fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
     let value = format!("Bearer {token}").parse().expect("ascii token");
     request.metadata_mut().insert("authorization", value);
     request
+}
+
+/// Drops a database made by [`fresh_postgres_database`] once its service has stopped. A
+/// SQLite URL removes its directory instead.
+pub async fn drop_test_database(url: &str) {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let file = path.split('?').next().unwrap_or(path);
+        if let Some(dir) = std::path::Path::new(file).parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        return;
+    }
+    let Some((_, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    if !name.starts_with("hc_it_") {
+        return;
+    }
+    if let Ok(db) = Database::connect(admin_url().as_str()).await {
+        let _ = db
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+        db.close().await.ok();
+    }
 }

@@ -25,6 +25,7 @@ const PHONE: &str = "13800138000";
 
 struct Running {
     app: Application,
+    database_url: String,
     client: IdentityServiceClient<Channel>,
     sms: Arc<LocalSms>,
     keys: TestKeys,
@@ -36,6 +37,7 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Running {
     for (k, v) in extra {
         env = env.with(*k, *v);
     }
+    let database_url = env.raw("DATABASE_URL").unwrap_or_default().to_owned();
     let config = IdentityConfig::from_env(&env).expect("config");
     let (providers, sms) = Providers::local();
     let app = Application::build(config, providers)
@@ -46,9 +48,17 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Running {
         .expect("connect");
     Running {
         app,
+        database_url,
         client,
         sms,
         keys,
+    }
+}
+
+impl Running {
+    async fn stop(app: Application, database_url: &str) {
+        app.shutdown().await;
+        integration_tests::drop_test_database(database_url).await;
     }
 }
 
@@ -106,6 +116,7 @@ fn face_image(score: u8) -> Vec<u8> {
 async fn full_walk(backend: Backend) {
     let Running {
         app,
+        database_url,
         mut client,
         sms,
         keys,
@@ -327,6 +338,22 @@ async fn full_walk(backend: Backend) {
     let review = &queue.reviews[0];
     assert_eq!(review.reason, "FACE_LOW_CONFIDENCE");
     assert_eq!(review.subject.as_ref().unwrap().masked_name, "张**");
+    assert!(review.live_image.is_empty(), "lists carry no attachments");
+    let full_review = client
+        .get_review(authorized(
+            pb::GetReviewRequest {
+                review_id: review.review_id.clone(),
+            },
+            &reviewer,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        full_review.live_image,
+        face_image(70),
+        "the reviewer sees the doubtful image"
+    );
     let err = client
         .decide_review(authorized(
             pb::DecideReviewRequest {
@@ -546,8 +573,18 @@ async fn full_walk(backend: Backend) {
         .into_inner();
     let reasons: Vec<&str> = queue.reviews.iter().map(|r| r.reason.as_str()).collect();
     assert_eq!(reasons, ["MILITARY_OFFICER_CARD", "FOREIGN_PASSPORT"]);
-    let passport_review = &queue.reviews[1];
+    let passport_review = client
+        .get_review(authorized(
+            pb::GetReviewRequest {
+                review_id: queue.reviews[1].review_id.clone(),
+            },
+            &reviewer,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(passport_review.passport_data_page, face_image(0));
+    assert_eq!(passport_review.visa_page, face_image(1));
     // Paging: one at a time gives the same two reviews.
     let first_page = client
         .list_reviews(authorized(
@@ -577,8 +614,23 @@ async fn full_walk(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert!(decided.passport_data_page.is_empty());
-    assert!(decided.visa_page.is_empty());
+    let after = client
+        .get_review(authorized(
+            pb::GetReviewRequest {
+                review_id: passport_review.review_id.clone(),
+            },
+            &reviewer,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decided.state, pb::ReviewState::Approved as i32);
+    assert!(
+        after.passport_data_page.is_empty(),
+        "deleted with the decision"
+    );
+    assert!(after.visa_page.is_empty());
+    assert_eq!(after.note, "visa valid");
 
     // --- A dependent, verified through the guardian.
     let dependent = |guardian: &str| pb::RegisterDependentRequest {
@@ -609,11 +661,31 @@ async fn full_walk(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&err), ["relationship"]);
+    // An adult cannot be taken over as somebody's child.
+    let err = client
+        .register_dependent(authorized(
+            pb::RegisterDependentRequest {
+                document: resident("440308199901010012"),
+                ..dependent(&id)
+            },
+            &app_token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["relationship"]);
+    let child_request = dependent(&id);
     let child = client
-        .register_dependent(authorized(dependent(&id), &app_token))
+        .register_dependent(authorized(child_request.clone(), &app_token))
         .await
         .unwrap()
         .into_inner();
+    // A retry is the same answer.
+    let again = client
+        .register_dependent(authorized(child_request.clone(), &app_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.person, child.person);
     let child_status = child.status.unwrap();
     assert!(child_status.verified);
     assert_eq!(child_status.guardian.unwrap().person_id, id);
@@ -704,6 +776,8 @@ async fn full_walk(backend: Backend) {
             "19FR12345",
             "DUPONT",
             "王五",
+            "matches the document photo",
+            "visa valid",
         ],
     )
     .await;
@@ -726,11 +800,11 @@ async fn full_walk(backend: Backend) {
         serving.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    app.shutdown().await;
+    Running::stop(app, &database_url).await;
 }
 
 async fn assert_no_plaintext(app: &Application, secrets: &[&str]) {
-    use identity::store::entities::{person, phone_challenge, review, step};
+    use identity::store::entities::{person, phone_challenge, review, sms_send, step};
     let db = app.db();
     let mut dump = String::new();
     for row in person::Entity::find().all(db).await.unwrap() {
@@ -743,6 +817,9 @@ async fn assert_no_plaintext(app: &Application, secrets: &[&str]) {
         dump.push_str(&format!("{row:?}\n"));
     }
     for row in review::Entity::find().all(db).await.unwrap() {
+        dump.push_str(&format!("{row:?}\n"));
+    }
+    for row in sms_send::Entity::find().all(db).await.unwrap() {
         dump.push_str(&format!("{row:?}\n"));
     }
     assert!(dump.contains("dev-1:"), "sealed fields carry their key id");
@@ -764,7 +841,11 @@ async fn identity_end_to_end_on_the_embedded_default() {
 #[tokio::test]
 async fn concurrent_duplicate_registrations_create_one_person() {
     let Running {
-        app, client, keys, ..
+        app,
+        database_url,
+        client,
+        keys,
+        ..
     } = start(Backend::Real, &[]).await;
     let token = keys.app();
     let mut tasks = Vec::new();
@@ -796,7 +877,7 @@ async fn concurrent_duplicate_registrations_create_one_person() {
     }
     assert_eq!(created, 1);
     assert_eq!(person_count(&app).await, 1);
-    app.shutdown().await;
+    Running::stop(app, &database_url).await;
 }
 
 #[tokio::test]
@@ -817,4 +898,141 @@ async fn a_wrong_configuration_is_refused_before_anything_binds() {
         assert!(text.starts_with(name), "{text}");
         assert!(!text.contains(value) || value.len() < 3, "{text}");
     }
+    integration_tests::drop_test_database(env.raw("DATABASE_URL").unwrap_or_default()).await;
+}
+
+/// Registers the GB 11643 example person and sends a code to [`PHONE`]; returns the id.
+async fn register_and_send_code(
+    client: &mut IdentityServiceClient<Channel>,
+    token: &str,
+) -> String {
+    let id = client
+        .register_person(authorized(
+            pb::RegisterPersonRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                document: resident(RESIDENT_ID),
+                name: NAME.into(),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .expect("register")
+        .into_inner()
+        .person
+        .expect("person")
+        .person_id;
+    client
+        .send_phone_code(authorized(
+            pb::SendPhoneCodeRequest {
+                person: person(&id),
+                phone_number: PHONE.into(),
+            },
+            token,
+        ))
+        .await
+        .expect("send a code");
+    id
+}
+
+#[tokio::test]
+async fn registration_and_phone_codes_go_on_while_redis_is_down() {
+    let Running {
+        app,
+        database_url,
+        mut client,
+        sms,
+        keys,
+    } = start(
+        Backend::Real,
+        // Nothing listens on port 1: every cache call fails fast.
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1/0"),
+            ("REDIS_TIMEOUT_MS", "200"),
+        ],
+    )
+    .await;
+    let token = keys.app();
+    // Registration does not need the cache; the SMS rate limit falls back to the database.
+    let id = register_and_send_code(&mut client, &token).await;
+    let status = client
+        .confirm_phone_code(authorized(
+            pb::ConfirmPhoneCodeRequest {
+                person: person(&id),
+                code: sms.last_code(PHONE).unwrap(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        step_state(&status, pb::VerificationStep::Phone),
+        pb::StepState::Passed
+    );
+    Running::stop(app, &database_url).await;
+}
+
+/// Sixteen wrong guesses at once against a code that allows five: five are counted as
+/// wrong, the rest find the attempts spent, and the right code no longer works.
+async fn concurrent_guesses_spend_one_attempt_each(backend: Backend) {
+    let Running {
+        app,
+        database_url,
+        client,
+        sms,
+        keys,
+    } = start(backend, &[]).await;
+    let token = keys.app();
+    let mut c = client.clone();
+    let id = register_and_send_code(&mut c, &token).await;
+    let code = sms.last_code(PHONE).unwrap();
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let mut c = client.clone();
+        let (token, id) = (token.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            c.confirm_phone_code(authorized(
+                pb::ConfirmPhoneCodeRequest {
+                    person: person(&id),
+                    code: wrong.into(),
+                },
+                &token,
+            ))
+            .await
+            .unwrap_err()
+            .code()
+        }));
+    }
+    let mut wrong_counted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Code::InvalidArgument => wrong_counted += 1,
+            other => assert_eq!(other, Code::FailedPrecondition),
+        }
+    }
+    assert_eq!(wrong_counted, 5);
+    let err = c
+        .confirm_phone_code(authorized(
+            pb::ConfirmPhoneCodeRequest {
+                person: person(&id),
+                code,
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    Running::stop(app, &database_url).await;
+}
+
+#[tokio::test]
+async fn concurrent_guesses_on_postgres() {
+    concurrent_guesses_spend_one_attempt_each(Backend::Real).await;
+}
+
+#[tokio::test]
+async fn concurrent_guesses_on_the_embedded_default() {
+    concurrent_guesses_spend_one_attempt_each(Backend::Embedded).await;
 }

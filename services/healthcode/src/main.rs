@@ -84,12 +84,15 @@ fn write_secret_file(path: &Path, entries: &BTreeMap<String, String>) -> anyhow:
     for (k, v) in entries {
         text.push_str(&format!("{k}={v}\n"));
     }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    // Readable by its owner only, from the moment it exists.
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
     Ok(())
 }
 
@@ -136,6 +139,7 @@ async fn up(data_dir: PathBuf, host: String, identity_port: u16) -> anyhow::Resu
         }
     }
     env = env
+        .with("PROVIDERS", "local")
         .with("LISTEN_ADDR", format!("{host}:{identity_port}"))
         .with(
             "AUTH_ISSUER_KEYS",

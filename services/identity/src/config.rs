@@ -11,7 +11,28 @@ use std::time::Duration;
 
 pub const DEFAULT_PORT: u16 = 50051;
 
+/// Which providers (SMS, face match, bank card) the service talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderChoice {
+    /// The deterministic local stand-ins: development and tests only.
+    Local,
+}
+
+impl std::str::FromStr for ProviderChoice {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(ProviderChoice::Local),
+            _ => Err(
+                "only `local` (development stand-ins) exists so far; adapters for a province's SMS gateway, face-match and bank-card services are not built yet",
+            ),
+        }
+    }
+}
+
 pub struct IdentityConfig {
+    /// `PROVIDERS`, required, so that stand-ins never run in production by default.
+    pub providers: ProviderChoice,
     pub server: ServerSettings,
     pub db: DbConfig,
     pub redis: Option<RedisSettings>,
@@ -44,6 +65,7 @@ impl IdentityConfig {
             codes_per_hour: env.or("PHONE_CODES_PER_HOUR", 5u64)?.max(1),
         };
         Ok(IdentityConfig {
+            providers: env.required("PROVIDERS")?,
             server: ServerSettings::from_env(env, ([0, 0, 0, 0], DEFAULT_PORT).into())?,
             db: DbConfig::from_env(env)?,
             redis: RedisSettings::from_env(env)?,

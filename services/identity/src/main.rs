@@ -1,7 +1,7 @@
 //! The identity service as its own process (one Deployment in Kubernetes).
 
 use healthcode_config::{Env, exit_on_config_error};
-use identity::config::IdentityConfig;
+use identity::config::{IdentityConfig, ProviderChoice};
 use identity::providers::Providers;
 
 fn main() {
@@ -22,9 +22,14 @@ fn main() {
                 return 1;
             }
         };
-        // The providers of a province are wired here once they exist; until then the
-        // deterministic local ones stand in (see README, "Providers").
-        let (providers, _) = Providers::local();
+        let providers = match config.providers {
+            ProviderChoice::Local => {
+                tracing::warn!(
+                    "PROVIDERS=local: SMS, face match and bank card are development stand-ins"
+                );
+                Providers::local().0
+            }
+        };
         let app = match identity::Application::build(config, providers).await {
             Ok(app) => app,
             Err(err) => {

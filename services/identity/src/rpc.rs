@@ -226,8 +226,21 @@ fn review_state(code: i32) -> i32 {
 }
 
 impl IdentityRpc {
-    async fn review_message(&self, review: ReviewRecord) -> Result<pb::Review, ServiceError> {
+    /// A review as the reviewer sees it; attachments only when asked for one review.
+    async fn review_message(
+        &self,
+        review: ReviewRecord,
+        with_attachments: bool,
+    ) -> Result<pb::Review, ServiceError> {
         let person = self.identity.person(&review.person_id).await?;
+        let verified = self.identity.is_verified(&person).await?;
+        let attachment = |a: Option<Vec<u8>>| {
+            if with_attachments {
+                a.unwrap_or_default()
+            } else {
+                Vec::new()
+            }
+        };
         Ok(pb::Review {
             review_id: review.id.to_string(),
             person: person_ref(&review.person_id),
@@ -238,11 +251,22 @@ impl IdentityRpc {
             decided_at: review.decided_at.map(timestamp),
             decided_by: review.decided_by.unwrap_or_default(),
             note: review.note.unwrap_or_default(),
-            subject: Some(masked(&person, false)),
-            passport_data_page: review.passport_page.unwrap_or_default(),
-            visa_page: review.visa_page.unwrap_or_default(),
+            subject: Some(masked(&person, verified)),
+            passport_data_page: attachment(review.passport_page),
+            visa_page: attachment(review.visa_page),
+            live_image: attachment(review.live_image),
         })
     }
+}
+
+fn review_id(v: &mut Violations, raw: &str) -> Option<i64> {
+    v.check(
+        "review_id",
+        raw.parse::<i64>()
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or("must be a review id"),
+    )
 }
 
 #[tonic::async_trait]
@@ -315,8 +339,8 @@ impl IdentityService for IdentityRpc {
         v.finish()?;
         let id = id.unwrap_or_default();
         let person = self.identity.person(&id).await?;
-        let status = self.identity.status(&id, now()).await?;
-        Ok(Response::new(masked(&person, status.verified)))
+        let verified = self.identity.is_verified(&person).await?;
+        Ok(Response::new(masked(&person, verified)))
     }
 
     async fn find_person_by_document(
@@ -464,7 +488,7 @@ impl IdentityService for IdentityRpc {
         };
         let mut out = Vec::with_capacity(reviews.len());
         for review in reviews {
-            out.push(self.review_message(review).await?);
+            out.push(self.review_message(review, false).await?);
         }
         Ok(Response::new(pb::ListReviewsResponse {
             reviews: out,
@@ -508,7 +532,16 @@ impl IdentityService for IdentityRpc {
             .identity
             .decide_review(id, approve, &caller.subject, note, now())
             .await?;
-        Ok(Response::new(self.review_message(review).await?))
+        Ok(Response::new(self.review_message(review, false).await?))
+    }
+
+    async fn get_review(&self, request: Request<pb::GetReviewRequest>) -> RpcResult<pb::Review> {
+        self.caller(&request, &[roles::REVIEWER])?;
+        let mut v = Violations::new();
+        let id = review_id(&mut v, &request.get_ref().review_id);
+        v.finish()?;
+        let review = self.identity.review(id.unwrap_or_default()).await?;
+        Ok(Response::new(self.review_message(review, true).await?))
     }
 
     async fn register_dependent(

@@ -19,7 +19,14 @@ use std::time::Duration;
 
 impl From<StoreError> for ServiceError {
     fn from(err: StoreError) -> Self {
-        ServiceError::internal(err)
+        match &err {
+            // The database is away or saturated: the caller may retry; nothing was applied.
+            StoreError::Db(sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_)) => {
+                tracing::warn!(error = %err, "database unavailable");
+                ServiceError::Unavailable("the database is unavailable; retry later".into())
+            }
+            _ => ServiceError::internal(err),
+        }
     }
 }
 
@@ -45,7 +52,8 @@ fn provider_error(err: ProviderError) -> ServiceError {
 pub struct PhonePolicy {
     pub code_ttl: Duration,
     pub attempts: u32,
-    /// Codes one phone number may be sent per hour (SMS bombing, SMS cost).
+    /// Codes one phone number may be sent per hour (SMS bombing, SMS cost). A person may be
+    /// sent twice as many, across numbers, before their attempts run out for the hour.
     pub codes_per_hour: u64,
 }
 
@@ -143,8 +151,7 @@ impl Identity {
                 "MILITARY_OFFICER_CARD",
                 Some(NewReview {
                     reason: "MILITARY_OFFICER_CARD",
-                    passport_page: None,
-                    visa_page: None,
+                    ..NewReview::default()
                 }),
             ),
             // The data page and visa are checked by a person.
@@ -155,6 +162,7 @@ impl Identity {
                     reason: "FOREIGN_PASSPORT",
                     passport_page: registration.passport_data_page,
                     visa_page: registration.visa_page,
+                    live_image: None,
                 }),
             ),
             DocumentType::ResidentIdCard | DocumentType::HkMacauPermit => {
@@ -215,6 +223,25 @@ impl Identity {
                 "the guardian must complete verification first",
             ));
         }
+        if self.store.dependent_count(guardian_id).await? >= MAX_DEPENDENTS {
+            return Err(ServiceError::precondition(
+                "TOO_MANY_DEPENDENTS",
+                format!("a guardian manages at most {MAX_DEPENDENTS} dependents"),
+            ));
+        }
+        // A child must be one: an adult cannot be taken over as somebody's dependent.
+        if relationship == RELATIONSHIP_CHILD
+            && let Some(birth) = registration.document.birth_date()
+            && now
+                .date_naive()
+                .years_since(birth)
+                .is_some_and(|age| age >= 18)
+        {
+            return Err(ServiceError::invalid(
+                "relationship",
+                "a person of 18 or more cannot be registered as a child",
+            ));
+        }
         self.register(
             registration,
             Some((guardian_id.to_owned(), relationship)),
@@ -257,12 +284,26 @@ impl Identity {
         Ok((steps, rows, guardian_verified))
     }
 
+    /// Where the person stands, with a signed attestation when verified.
     pub async fn status(&self, id: &str, now: DateTime<Utc>) -> Result<StatusView, ServiceError> {
-        let person = self.person(id).await?;
-        let (steps, rows, guardian_verified) = self.steps_of(&person).await?;
+        self.status_of(&self.person(id).await?, true, now).await
+    }
+
+    /// Whether the person is verified, without the cost of an attestation (masked views).
+    pub async fn is_verified(&self, person: &PersonRecord) -> Result<bool, ServiceError> {
+        Ok(self.status_of(person, false, Utc::now()).await?.verified)
+    }
+
+    async fn status_of(
+        &self,
+        person: &PersonRecord,
+        attest: bool,
+        now: DateTime<Utc>,
+    ) -> Result<StatusView, ServiceError> {
+        let (steps, rows, guardian_verified) = self.steps_of(person).await?;
         let verified = steps.is_verified(guardian_verified);
         let level = steps.level();
-        let attestation = if verified {
+        let attestation = if verified && attest {
             let statement = serde_json::json!({
                 "person_id": person.id,
                 "level": level,
@@ -276,11 +317,11 @@ impl Identity {
             None
         };
         Ok(StatusView {
-            person_id: person.id,
+            person_id: person.id.clone(),
             steps: rows,
             verified,
             level,
-            guardian_id: person.guardian_id,
+            guardian_id: person.guardian_id.clone(),
             attestation,
         })
     }
@@ -306,30 +347,17 @@ impl Identity {
         now: DateTime<Utc>,
     ) -> Result<(DateTime<Utc>, u32), ServiceError> {
         self.attemptable(id, Step::Phone).await?;
-        // Counted per number, keyed by its blind index so Redis never holds the number.
-        let key = format!(
-            "identity:sms:{}",
-            hex::encode(
-                self.index
-                    .index(format!("phone:{}", phone.as_str()).as_bytes())
-            )
+        // Keyed by the number's blind index: neither Redis nor the database holds the number.
+        let phone_index = hex::encode(
+            self.index
+                .index(format!("phone:{}", phone.as_str()).as_bytes()),
         );
-        match self
-            .cache
-            .incr_window(&key, Duration::from_secs(3600))
-            .await
-        {
-            Ok(sent) if sent > self.phone_policy.codes_per_hour => {
-                return Err(ServiceError::ResourceExhausted {
-                    message: "too many codes sent to this number; try again later".into(),
-                    retry_after: Some(Duration::from_secs(3600)),
-                });
-            }
-            Ok(_) => {}
-            // The cache is not the record: without it the limit is not enforced, and we say so.
-            Err(err) => tracing::warn!(error = %err, "SMS rate limit unavailable"),
-        }
+        self.check_sms_limits(id, &phone_index, now).await?;
         let code = PhoneCode::generate();
+        // Sent before it is saved: a send that fails leaves the step as it was.
+        self.call_provider(self.providers.sms.send_code(phone, &code))
+            .await?;
+        self.store.record_sms_send(&phone_index, id, now).await?;
         let expires_at = now
             + chrono::Duration::from_std(self.phone_policy.code_ttl)
                 .unwrap_or(chrono::Duration::minutes(5));
@@ -350,9 +378,44 @@ impl Identity {
                 "the phone step changed meanwhile; read the status and retry",
             ));
         }
-        self.call_provider(self.providers.sms.send_code(phone, &code))
-            .await?;
         Ok((expires_at, self.phone_policy.attempts))
+    }
+
+    /// Codes per number per hour from the cache's counter; when the cache is away, from the
+    /// database's record of sends, so the limit holds either way. Codes per person always
+    /// come from the database: a new code resets the attempts, so this bounds the guesses.
+    async fn check_sms_limits(
+        &self,
+        person_id: &str,
+        phone_index: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), ServiceError> {
+        let window = Duration::from_secs(3600);
+        let since = now - chrono::Duration::hours(1);
+        let (db_to_phone, db_to_person) = self
+            .store
+            .sms_sends_since(phone_index, person_id, since)
+            .await?;
+        let to_phone = match self
+            .cache
+            .incr_window(&format!("identity:sms:{phone_index}"), window)
+            .await
+        {
+            Ok(count) => count.saturating_sub(1).max(db_to_phone),
+            Err(err) => {
+                tracing::warn!(error = %err, "SMS rate limit falls back to the database");
+                db_to_phone
+            }
+        };
+        if to_phone >= self.phone_policy.codes_per_hour
+            || db_to_person >= 2 * self.phone_policy.codes_per_hour
+        {
+            return Err(ServiceError::ResourceExhausted {
+                message: "too many codes sent; try again later".into(),
+                retry_after: Some(window),
+            });
+        }
+        Ok(())
     }
 
     pub async fn confirm_phone_code(
@@ -402,10 +465,12 @@ impl Identity {
         let score = self
             .call_provider(self.providers.face.compare(&person.document, &image))
             .await?;
-        // The image goes out of scope here: it was never written anywhere.
-        drop(image);
         let (state, reason) = score.outcome();
-        self.record(id, Step::FaceMatch, state, reason, now).await
+        // A doubtful match is looked at by a person, who needs the image; it is sealed for
+        // the review and deleted with the decision. Otherwise it is never written anywhere.
+        let keep = (state == StepState::PendingReview).then_some(image);
+        self.record(id, Step::FaceMatch, state, reason, keep, now)
+            .await
     }
 
     pub async fn bank_card(
@@ -427,7 +492,8 @@ impl Identity {
             BankCardOutcome::Match => (StepState::Passed, ""),
             BankCardOutcome::NameMismatch => (StepState::Failed, "BANK_CARD_NAME_MISMATCH"),
         };
-        self.record(id, Step::BankCard, state, reason, now).await
+        self.record(id, Step::BankCard, state, reason, None, now)
+            .await
     }
 
     async fn record(
@@ -436,11 +502,12 @@ impl Identity {
         step: Step,
         state: StepState,
         reason: &'static str,
+        review_image: Option<Image>,
         now: DateTime<Utc>,
     ) -> Result<StatusView, ServiceError> {
         if !self
             .store
-            .record_outcome(id, step, state, reason, now)
+            .record_outcome(id, step, state, reason, review_image, now)
             .await?
         {
             return Err(ServiceError::precondition(
@@ -449,6 +516,13 @@ impl Identity {
             ));
         }
         self.status(id, now).await
+    }
+
+    pub async fn review(&self, id: i64) -> Result<ReviewRecord, ServiceError> {
+        self.store
+            .review(id)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound("no such review".into()))
     }
 
     pub async fn reviews(
@@ -482,9 +556,17 @@ impl Identity {
                 "REVIEW_ALREADY_DECIDED",
                 "this review was already decided",
             )),
+            Decided::StepMoved => Err(ServiceError::precondition(
+                "STEP_CHANGED",
+                "the reviewed step is no longer waiting for review",
+            )),
         }
     }
 }
+
+/// Dependents one guardian may register (a family, not an agency).
+pub const MAX_DEPENDENTS: u64 = 10;
+const RELATIONSHIP_CHILD: i32 = 1;
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

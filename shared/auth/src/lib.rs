@@ -28,6 +28,7 @@ pub mod roles {
 }
 
 const PREFIX: &str = "hc1";
+pub const MAX_SUBJECT_LEN: usize = 128;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
@@ -155,6 +156,13 @@ impl TokenVerifier {
             .decode(claims_b64)
             .map_err(|_| AuthError::Malformed)?;
         let claims: Claims = serde_json::from_slice(&json).map_err(|_| AuthError::Malformed)?;
+        // Subjects end up in audit columns and log lines: keep them short and printable.
+        if claims.sub.is_empty()
+            || claims.sub.len() > MAX_SUBJECT_LEN
+            || claims.sub.chars().any(char::is_control)
+        {
+            return Err(AuthError::Malformed);
+        }
         if claims.exp <= now {
             return Err(AuthError::Expired);
         }
@@ -249,6 +257,10 @@ mod tests {
             Err(AuthError::BadSignature)
         );
         assert_eq!(verifier.verify("garbage", 1_010), Err(AuthError::Malformed));
+        let long = issuer
+            .mint(&"x".repeat(MAX_SUBJECT_LEN + 1), &[roles::APP], 1_000, 60)
+            .unwrap();
+        assert_eq!(verifier.verify(&long, 1_010), Err(AuthError::Malformed));
         assert_eq!(
             verifier.verify("hc1.nokey.e30.AA", 1_010),
             Err(AuthError::UnknownKey)

@@ -65,6 +65,9 @@ pub trait Cache: Send + Sync + 'static {
 
 pub type SharedCache = Arc<dyn Cache>;
 
+/// The largest version [`Cache::set_if_newer`] accepts (2^53, exact in every backend).
+pub const MAX_VERSION: u64 = 1 << 53;
+
 /// Picks the backend from `REDIS_URL`: unset means in-process. A comma-separated list of
 /// URLs, or `REDIS_CLUSTER=true`, means Redis Cluster. Keys are prefixed with `prefix`.
 pub async fn from_settings(

@@ -141,6 +141,9 @@ impl Cache for MemoryCache {
         data: &[u8],
         ttl: Option<Duration>,
     ) -> Result<bool, CacheError> {
+        if version > crate::MAX_VERSION {
+            return Err(CacheError::Corrupt("version beyond 2^53".into()));
+        }
         let key = self.key(key);
         self.with_entries(|entries| {
             if let Some(current) = versioned_of(entries.get(&key))?

@@ -227,6 +227,10 @@ impl Cache for RedisCache {
         data: &[u8],
         ttl: Option<Duration>,
     ) -> Result<bool, CacheError> {
+        // Lua compares numbers as doubles: beyond 2^53 two versions could compare equal.
+        if version > crate::MAX_VERSION {
+            return Err(CacheError::Corrupt("version beyond 2^53".into()));
+        }
         let stored: i64 = self
             .set_if_newer
             .key(self.key(key))

@@ -66,8 +66,10 @@ fn options(config: &DbConfig) -> ConnectOptions {
     options
         .max_connections(config.max_connections)
         .min_connections(1)
-        .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(3))
+        // Well inside the request deadline, so that a saturated pool is UNAVAILABLE (retry
+        // elsewhere) rather than a request that times out.
+        .acquire_timeout(Duration::from_secs(1))
         // Statements would otherwise be logged with their parameters at INFO.
         .sqlx_logging(false);
     if let (Some(schema), false) = (&config.schema, config.is_sqlite()) {
@@ -92,8 +94,27 @@ pub async fn connect_and_migrate<M: MigratorTrait>(
     if db.get_database_backend() == DbBackend::Sqlite {
         // Readers do not block the writer, and the file survives a crash mid-write.
         db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
+        M::up(&db, None).await?;
+        return Ok(db);
     }
-    M::up(&db, None).await?;
+    // Replicas start together: one migrates while the others wait on the lock, then find
+    // nothing left to do. The lock lives on a connection of its own, outside the pool.
+    let mut lock_options = ConnectOptions::new(config.url.clone());
+    lock_options.max_connections(1).sqlx_logging(false);
+    let lock = Database::connect(lock_options).await?;
+    let key = format!(
+        "healthcode-migrate:{}",
+        config.schema.as_deref().unwrap_or("public")
+    );
+    lock.execute_unprepared(&format!("SELECT pg_advisory_lock(hashtext('{key}'))"))
+        .await?;
+    let migrated = M::up(&db, None).await;
+    let unlocked = lock
+        .execute_unprepared(&format!("SELECT pg_advisory_unlock(hashtext('{key}'))"))
+        .await;
+    lock.close().await.ok();
+    migrated?;
+    unlocked?;
     Ok(db)
 }
 

@@ -29,6 +29,9 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// `SHUTDOWN_GRACE_SECONDS`: how long in-flight requests may finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `SHUTDOWN_DRAIN_DELAY_MS`: how long to keep serving after reporting NOT_SERVING, so
+    /// that load balancers and endpoints stop sending before the listener closes.
+    pub drain_delay: Duration,
 }
 
 impl ServerSettings {
@@ -52,6 +55,7 @@ impl ServerSettings {
             max_concurrent_requests,
             request_timeout: Duration::from_millis(timeout_ms),
             shutdown_grace: Duration::from_secs(env.or("SHUTDOWN_GRACE_SECONDS", 20u64)?),
+            drain_delay: Duration::from_millis(env.or("SHUTDOWN_DRAIN_DELAY_MS", 0u64)?),
         })
     }
 }
@@ -64,6 +68,7 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
+    drain_delay: Duration,
 }
 
 impl RunningServer {
@@ -82,6 +87,7 @@ impl RunningServer {
         self.health
             .set_service_status("", ServingStatus::NotServing)
             .await;
+        tokio::time::sleep(self.drain_delay).await;
         let _ = self.stop.send(true);
         let abort = self.task.abort_handle();
         match tokio::time::timeout(self.grace, self.task).await {
@@ -132,9 +138,13 @@ pub async fn start(
     let layers = tower::ServiceBuilder::new()
         // Outermost, so that even a refused request is a span in the caller's trace.
         .layer(ServerTraceLayer)
-        // Refuse what is beyond capacity at once instead of queueing without bound; probes
-        // and reflection are exempt, so a busy pod is not restarted for being busy.
-        .layer(ShedLayer::new(settings.max_concurrent_requests))
+        // Refuse what is beyond capacity at once instead of queueing without bound, and end
+        // what runs too long with DEADLINE_EXCEEDED; probes and reflection are exempt, so a
+        // busy pod is not restarted for being busy.
+        .layer(AdmissionLayer::new(
+            settings.max_concurrent_requests,
+            settings.request_timeout,
+        ))
         .into_inner();
 
     let (stop, mut stopped) = watch::channel(false);
@@ -146,8 +156,6 @@ pub async fn start(
         conn
     });
     let server = tonic::transport::Server::builder()
-        // Bounds every handler, on top of the caller's own grpc-timeout.
-        .timeout(settings.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(layers)
         .add_routes(routes);
@@ -166,6 +174,7 @@ pub async fn start(
         stop,
         task,
         grace: settings.shutdown_grace,
+        drain_delay: settings.drain_delay,
     })
 }
 
@@ -194,41 +203,46 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Admission control shared by every connection of the process.
+/// Admission control shared by every connection of the process, and the server's own
+/// deadline (the caller's `grpc-timeout` is honoured by tonic as well).
 #[derive(Debug, Clone)]
-pub struct ShedLayer {
+pub struct AdmissionLayer {
     permits: Arc<Semaphore>,
+    timeout: Duration,
 }
 
-impl ShedLayer {
-    pub fn new(max_concurrent: usize) -> Self {
-        ShedLayer {
+impl AdmissionLayer {
+    pub fn new(max_concurrent: usize, timeout: Duration) -> Self {
+        AdmissionLayer {
             permits: Arc::new(Semaphore::new(max_concurrent)),
+            timeout,
         }
     }
 }
 
-impl<S> tower::Layer<S> for ShedLayer {
-    type Service = Shed<S>;
+impl<S> tower::Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Shed {
+        Admission {
             inner,
             permits: self.permits.clone(),
+            timeout: self.timeout,
         }
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct Shed<S> {
+pub struct Admission<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    timeout: Duration,
 }
 
 fn is_exempt(path: &str) -> bool {
     path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
 }
 
-impl<S, B, R> tower::Service<http::Request<B>> for Shed<S>
+impl<S, B, R> tower::Service<http::Request<B>> for Admission<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
@@ -247,21 +261,102 @@ where
         if is_exempt(request.uri().path()) {
             return Box::pin(self.inner.call(request));
         }
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let future = self.inner.call(request);
-                Box::pin(async move {
-                    let response = future.await;
-                    drop(permit);
-                    response
-                })
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            tracing::warn!("over capacity; request refused");
+            let status =
+                tonic::Status::resource_exhausted("server over capacity; retry with backoff");
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        };
+        let future = self.inner.call(request);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let outcome = tokio::time::timeout(timeout, future).await;
+            drop(permit);
+            match outcome {
+                Ok(response) => response,
+                Err(_) => {
+                    tracing::warn!(?timeout, "request exceeded the server deadline");
+                    Ok(
+                        tonic::Status::deadline_exceeded("the server's deadline passed")
+                            .into_http(),
+                    )
+                }
             }
-            Err(_) => {
-                tracing::warn!("over capacity; request refused");
-                let status =
-                    tonic::Status::resource_exhausted("server over capacity; retry with backoff");
-                Box::pin(std::future::ready(Ok(status.into_http())))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer, Service, ServiceExt};
+
+    fn request(path: &str) -> http::Request<()> {
+        http::Request::builder().uri(path).body(()).unwrap()
+    }
+
+    fn grpc_status(response: &http::Response<String>) -> Option<&str> {
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+    }
+
+    /// An inner service that answers only when `release` is notified.
+    fn gated(
+        release: Arc<tokio::sync::Notify>,
+    ) -> impl Service<
+        http::Request<()>,
+        Response = http::Response<String>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone {
+        tower::service_fn(move |_req: http::Request<()>| {
+            let release = release.clone();
+            async move {
+                release.notified().await;
+                Ok(http::Response::new("ok".to_owned()))
             }
-        }
+        })
+    }
+
+    #[tokio::test]
+    async fn beyond_capacity_is_refused_at_once_but_probes_pass() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let layer = AdmissionLayer::new(1, Duration::from_secs(30));
+        let mut first = layer.layer(gated(release.clone()));
+        let held = tokio::spawn(first.ready().await.unwrap().call(request("/svc/Slow")));
+        tokio::task::yield_now().await;
+
+        let mut second = layer.layer(gated(release.clone()));
+        let refused = second
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/svc/Other"))
+            .await
+            .unwrap();
+        assert_eq!(grpc_status(&refused), Some("8"), "RESOURCE_EXHAUSTED");
+
+        let probe = tokio::spawn(
+            layer
+                .layer(gated(release.clone()))
+                .oneshot(request("/grpc.health.v1.Health/Check")),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.notify_waiters();
+        assert_eq!(probe.await.unwrap().unwrap().body(), "ok");
+        assert_eq!(held.await.unwrap().unwrap().body(), "ok");
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_the_deadline_gets_deadline_exceeded() {
+        let never = Arc::new(tokio::sync::Notify::new());
+        let response = AdmissionLayer::new(4, Duration::from_millis(50))
+            .layer(gated(never))
+            .oneshot(request("/svc/Slow"))
+            .await
+            .unwrap();
+        assert_eq!(grpc_status(&response), Some("4"), "DEADLINE_EXCEEDED");
     }
 }

@@ -21,8 +21,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,sea_orm=warn,h2=warn,hyper=warn,tower=warn";
 // The exporter itself speaks gRPC: its own spans must not be exported, or every export
 // would produce more spans to export.
-const DEFAULT_TRACE_FILTER: &str =
-    "info,sqlx=warn,sea_orm=warn,h2=off,hyper=off,tower=off,tonic=off,opentelemetry=off";
+const DEFAULT_TRACE_FILTER: &str = "info,sqlx=warn,sea_orm=warn,h2=off,hyper=off,tower=off,tonic=off,opentelemetry=off,dev_sms=off";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

@@ -157,6 +157,15 @@ impl Document {
         &self.issuing_country
     }
 
+    /// The birth date a resident identity number carries (digits 7 to 14).
+    pub fn birth_date(&self) -> Option<NaiveDate> {
+        if self.kind != DocumentType::ResidentIdCard {
+            return None;
+        }
+        let digits = self.number.get(6..14)?;
+        NaiveDate::parse_from_str(digits, "%Y%m%d").ok()
+    }
+
     /// The bytes the blind index is computed over: type, country and number, so that the
     /// same number under two document types or countries is two documents.
     pub fn index_input(&self) -> Vec<u8> {
@@ -331,6 +340,15 @@ mod tests {
             Document::parse(DocumentType::MilitaryOfficerCard, "12", "", t),
             Err(DocumentError::MilitaryFormat)
         );
+    }
+
+    #[test]
+    fn a_resident_number_carries_its_birth_date() {
+        let doc = resident("11010519491231002X").unwrap();
+        assert_eq!(doc.birth_date(), NaiveDate::from_ymd_opt(1949, 12, 31));
+        let permit =
+            Document::parse(DocumentType::HkMacauPermit, "H12345678", "", today()).unwrap();
+        assert_eq!(permit.birth_date(), None);
     }
 
     #[test]

@@ -52,9 +52,19 @@ enum Reviews {
     CreatedAt,
     DecidedAt,
     DecidedBy,
-    Note,
+    NoteCt,
     PassportPageCt,
     VisaPageCt,
+    LiveImageCt,
+}
+
+#[derive(DeriveIden)]
+enum SmsSends {
+    Table,
+    Id,
+    PhoneIndex,
+    PersonId,
+    SentAt,
 }
 
 #[async_trait::async_trait]
@@ -152,11 +162,14 @@ impl MigrationTrait for Migration {
                     .col(integer(Reviews::State))
                     .col(timestamp_with_time_zone(Reviews::CreatedAt))
                     .col(timestamp_with_time_zone_null(Reviews::DecidedAt))
-                    .col(string_len_null(Reviews::DecidedBy, 128))
-                    .col(text_null(Reviews::Note))
-                    // Foreign passports: the uploaded pages, encrypted, deleted on decision.
+                    .col(text_null(Reviews::DecidedBy))
+                    // Reviewers type free text, which may name people: sealed like the rest.
+                    .col(text_null(Reviews::NoteCt))
+                    // What the reviewer must see (passport pages, a doubtful live image),
+                    // sealed, and deleted with the decision.
                     .col(text_null(Reviews::PassportPageCt))
                     .col(text_null(Reviews::VisaPageCt))
+                    .col(text_null(Reviews::LiveImageCt))
                     .foreign_key(
                         ForeignKey::create()
                             .from(Reviews::Table, Reviews::PersonId)
@@ -176,11 +189,48 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
+        // Every code sent, by the phone's blind index: the rate limit's record when the
+        // cache is away.
+        manager
+            .create_table(
+                Table::create()
+                    .table(SmsSends::Table)
+                    .if_not_exists()
+                    .col(big_pk_auto(SmsSends::Id))
+                    .col(string_len(SmsSends::PhoneIndex, 64))
+                    .col(string_len(SmsSends::PersonId, 36))
+                    .col(timestamp_with_time_zone(SmsSends::SentAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_sms_sends_phone")
+                    .table(SmsSends::Table)
+                    .col(SmsSends::PhoneIndex)
+                    .col(SmsSends::SentAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("idx_sms_sends_person")
+                    .table(SmsSends::Table)
+                    .col(SmsSends::PersonId)
+                    .col(SmsSends::SentAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
         Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         for table in [
+            SmsSends::Table.into_iden(),
             Reviews::Table.into_iden(),
             PhoneChallenges::Table.into_iden(),
             VerificationSteps::Table.into_iden(),

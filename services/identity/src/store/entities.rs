@@ -86,9 +86,29 @@ pub mod review {
         pub created_at: DateTimeUtc,
         pub decided_at: Option<DateTimeUtc>,
         pub decided_by: Option<String>,
-        pub note: Option<String>,
+        pub note_ct: Option<String>,
         pub passport_page_ct: Option<String>,
         pub visa_page_ct: Option<String>,
+        pub live_image_ct: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod sms_send {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sms_sends")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub phone_index: String,
+        pub person_id: String,
+        pub sent_at: DateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -7,12 +7,12 @@ use crate::domain::{Document, DocumentType, Image, Step, StepState, Steps};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
-use entities::{person, phone_challenge, review, step};
+use entities::{person, phone_challenge, review, sms_send, step};
 use healthcode_crypto::FieldCipher;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 use std::sync::Arc;
 
@@ -92,10 +92,13 @@ pub struct StepRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A review and what its reviewer needs to see.
+#[derive(Default)]
 pub struct NewReview {
     pub reason: &'static str,
     pub passport_page: Option<Image>,
     pub visa_page: Option<Image>,
+    pub live_image: Option<Image>,
 }
 
 pub struct NewPerson {
@@ -141,6 +144,7 @@ pub struct ReviewRecord {
     pub note: Option<String>,
     pub passport_page: Option<Vec<u8>>,
     pub visa_page: Option<Vec<u8>>,
+    pub live_image: Option<Vec<u8>>,
 }
 
 pub const REVIEW_PENDING: i32 = 1;
@@ -151,6 +155,8 @@ pub enum Decided {
     Done(Box<ReviewRecord>),
     NotFound,
     AlreadyDecided,
+    /// The reviewed step is no longer waiting for review; nothing was decided.
+    StepMoved,
 }
 
 #[derive(Clone)]
@@ -205,7 +211,11 @@ impl Store {
             Err(err) if healthcode_db::is_unique_violation(&err) => {
                 txn.rollback().await?;
                 return self
-                    .classify_duplicate(&doc_index, new.request_id.as_deref())
+                    .classify_duplicate(
+                        &doc_index,
+                        new.request_id.as_deref(),
+                        new.guardian.as_ref(),
+                    )
                     .await;
             }
             Err(err) => return Err(err.into()),
@@ -237,6 +247,7 @@ impl Store {
         &self,
         doc_index: &str,
         request_id: Option<&str>,
+        guardian: Option<&(String, i32)>,
     ) -> Result<Inserted, StoreError> {
         if let Some(request_id) = request_id
             && let Some(existing) = person::Entity::find()
@@ -244,7 +255,10 @@ impl Store {
                 .one(&self.db)
                 .await?
         {
-            return Ok(if existing.doc_index == doc_index {
+            // A retry is the same request: same document, same guardian, same relationship.
+            let same_guardian = existing.guardian_id.as_ref() == guardian.map(|g| &g.0)
+                && existing.relationship == guardian.map(|g| g.1);
+            return Ok(if existing.doc_index == doc_index && same_guardian {
                 Inserted::Replayed(existing.id)
             } else {
                 Inserted::RequestIdReused
@@ -269,7 +283,7 @@ impl Store {
             created_at: Set(now),
             decided_at: Set(None),
             decided_by: Set(None),
-            note: Set(None),
+            note_ct: Set(None),
             passport_page_ct: Set(review
                 .passport_page
                 .map(|i| self.sealer.seal(person_id, "passport_page", i.bytes()))
@@ -277,6 +291,10 @@ impl Store {
             visa_page_ct: Set(review
                 .visa_page
                 .map(|i| self.sealer.seal(person_id, "visa_page", i.bytes()))
+                .transpose()?),
+            live_image_ct: Set(review
+                .live_image
+                .map(|i| self.sealer.seal(person_id, "live_image", i.bytes()))
                 .transpose()?),
             ..Default::default()
         };
@@ -392,6 +410,7 @@ impl Store {
         s: Step,
         to: StepState,
         reason: &'static str,
+        review_image: Option<Image>,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let txn = self.db.begin().await?;
@@ -407,8 +426,8 @@ impl Store {
         if to == StepState::PendingReview {
             let review = NewReview {
                 reason,
-                passport_page: None,
-                visa_page: None,
+                live_image: review_image,
+                ..NewReview::default()
             };
             self.insert_review(&txn, person_id, s, review, now).await?;
         }
@@ -465,8 +484,9 @@ impl Store {
         Ok(true)
     }
 
-    /// Checks a code against the saved challenge. A wrong code costs an attempt (that much
-    /// is committed); the right one sets the phone and passes the step, atomically.
+    /// Checks a code against the saved challenge. An attempt is spent first, atomically,
+    /// so concurrent guesses cannot share one; a wrong code keeps it spent, and the right
+    /// one sets the phone and passes the step in the same transaction.
     pub async fn confirm_phone(
         &self,
         person_id: &str,
@@ -474,49 +494,43 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<PhoneConfirmation, StoreError> {
         let txn = self.db.begin().await?;
-        let Some(challenge) = phone_challenge::Entity::find_by_id(person_id.to_owned())
+        let spent = phone_challenge::Entity::update_many()
+            .col_expr(
+                phone_challenge::Column::AttemptsLeft,
+                Expr::col(phone_challenge::Column::AttemptsLeft).sub(1),
+            )
+            .filter(phone_challenge::Column::PersonId.eq(person_id))
+            .filter(phone_challenge::Column::AttemptsLeft.gt(0))
+            .filter(phone_challenge::Column::ExpiresAt.gt(now))
+            .exec(&txn)
+            .await?;
+        let challenge = phone_challenge::Entity::find_by_id(person_id.to_owned())
             .one(&txn)
-            .await?
-        else {
+            .await?;
+        let Some(challenge) = challenge else {
+            txn.rollback().await?;
             return Ok(PhoneConfirmation::NoChallenge);
         };
-        if challenge.expires_at <= now {
-            return Ok(PhoneConfirmation::Expired);
-        }
-        if challenge.attempts_left <= 0 {
-            return Ok(PhoneConfirmation::AttemptsExhausted);
+        if spent.rows_affected == 0 {
+            txn.rollback().await?;
+            return Ok(if challenge.expires_at <= now {
+                PhoneConfirmation::Expired
+            } else {
+                PhoneConfirmation::AttemptsExhausted
+            });
         }
         if !code_matches(&challenge.code_mac) {
-            let result = phone_challenge::Entity::update_many()
-                .col_expr(
-                    phone_challenge::Column::AttemptsLeft,
-                    Expr::col(phone_challenge::Column::AttemptsLeft).sub(1),
-                )
-                .filter(phone_challenge::Column::PersonId.eq(person_id))
-                .filter(phone_challenge::Column::AttemptsLeft.gt(0))
-                .exec(&txn)
-                .await?;
             txn.commit().await?;
-            if result.rows_affected == 0 {
-                return Ok(PhoneConfirmation::AttemptsExhausted);
-            }
             return Ok(PhoneConfirmation::WrongCode {
-                attempts_left: Ord::max(challenge.attempts_left - 1, 0) as u32,
+                attempts_left: Ord::max(challenge.attempts_left, 0) as u32,
             });
         }
         let phone = self
             .sealer
             .open(person_id, "challenge_phone", &challenge.phone_ct)?;
-        let deleted = phone_challenge::Entity::delete_many()
-            .filter(phone_challenge::Column::PersonId.eq(person_id))
-            .filter(phone_challenge::Column::CodeMac.eq(challenge.code_mac.clone()))
+        phone_challenge::Entity::delete_by_id(person_id.to_owned())
             .exec(&txn)
             .await?;
-        // Another request confirmed this very code first: that one wins.
-        if deleted.rows_affected != 1 {
-            txn.rollback().await?;
-            return Ok(PhoneConfirmation::NoChallenge);
-        }
         person::Entity::update_many()
             .col_expr(
                 person::Column::PhoneCt,
@@ -543,6 +557,51 @@ impl Store {
         Ok(PhoneConfirmation::Confirmed)
     }
 
+    /// Records that a code was sent to the phone with this blind index.
+    pub async fn record_sms_send(
+        &self,
+        phone_index: &str,
+        person_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sms_send::ActiveModel {
+            phone_index: Set(phone_index.to_owned()),
+            person_id: Set(person_id.to_owned()),
+            sent_at: Set(now),
+            ..Default::default()
+        }
+        .insert(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Codes sent since `since` to this phone, and to this person.
+    pub async fn sms_sends_since(
+        &self,
+        phone_index: &str,
+        person_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<(u64, u64), StoreError> {
+        let to_phone = sms_send::Entity::find()
+            .filter(sms_send::Column::PhoneIndex.eq(phone_index))
+            .filter(sms_send::Column::SentAt.gt(since))
+            .count(&self.db)
+            .await?;
+        let to_person = sms_send::Entity::find()
+            .filter(sms_send::Column::PersonId.eq(person_id))
+            .filter(sms_send::Column::SentAt.gt(since))
+            .count(&self.db)
+            .await?;
+        Ok((to_phone, to_person))
+    }
+
+    pub async fn dependent_count(&self, guardian_id: &str) -> Result<u64, StoreError> {
+        Ok(person::Entity::find()
+            .filter(person::Column::GuardianId.eq(guardian_id))
+            .count(&self.db)
+            .await?)
+    }
+
     fn open_review(&self, row: review::Model) -> Result<ReviewRecord, StoreError> {
         let step = Step::from_code(row.step)
             .ok_or_else(|| StoreError::Sealed("unknown step code".into()))?;
@@ -555,6 +614,17 @@ impl Store {
                 .visa_page_ct
                 .map(|ct| self.sealer.open(&row.person_id, "visa_page", &ct))
                 .transpose()?,
+            live_image: row
+                .live_image_ct
+                .map(|ct| self.sealer.open(&row.person_id, "live_image", &ct))
+                .transpose()?,
+            note: row
+                .note_ct
+                .map(|ct| {
+                    self.sealer
+                        .open_string(&row.person_id, &format!("review_note/{}", row.id), &ct)
+                })
+                .transpose()?,
             id: row.id,
             person_id: row.person_id,
             step,
@@ -563,8 +633,15 @@ impl Store {
             created_at: row.created_at,
             decided_at: row.decided_at,
             decided_by: row.decided_by,
-            note: row.note,
         })
+    }
+
+    pub async fn review(&self, id: i64) -> Result<Option<ReviewRecord>, StoreError> {
+        review::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(|row| self.open_review(row))
+            .transpose()
     }
 
     pub async fn reviews(
@@ -585,8 +662,9 @@ impl Store {
             .collect()
     }
 
-    /// Decides a pending review and moves its step, in one transaction. The uploaded
-    /// images are deleted with the decision.
+    /// Decides a pending review and moves its step, in one transaction. The attached
+    /// images are deleted with the decision. Deciding again the same way, as the same
+    /// reviewer, returns the decision (a retry); anything else on a decided review is refused.
     pub async fn decide_review(
         &self,
         id: i64,
@@ -595,15 +673,24 @@ impl Store {
         note: &str,
         now: DateTime<Utc>,
     ) -> Result<Decided, StoreError> {
-        let txn = self.db.begin().await?;
-        let Some(row) = review::Entity::find_by_id(id).one(&txn).await? else {
-            return Ok(Decided::NotFound);
-        };
         let state = if approve {
             REVIEW_APPROVED
         } else {
             REVIEW_REJECTED
         };
+        let Some(person_id) = review::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(|r| r.person_id)
+        else {
+            return Ok(Decided::NotFound);
+        };
+        let note_ct =
+            self.sealer
+                .seal(&person_id, &format!("review_note/{id}"), note.as_bytes())?;
+        let txn = self.db.begin().await?;
+        // The conditional write comes first: it takes the row (or, on SQLite, the database)
+        // before anything is read, so two reviewers cannot both decide.
         let updated = review::Entity::update_many()
             .col_expr(review::Column::State, Expr::value(state))
             .col_expr(review::Column::DecidedAt, Expr::value(Some(now)))
@@ -611,7 +698,7 @@ impl Store {
                 review::Column::DecidedBy,
                 Expr::value(Some(decided_by.to_owned())),
             )
-            .col_expr(review::Column::Note, Expr::value(Some(note.to_owned())))
+            .col_expr(review::Column::NoteCt, Expr::value(Some(note_ct)))
             .col_expr(
                 review::Column::PassportPageCt,
                 Expr::value(Option::<String>::None),
@@ -620,13 +707,26 @@ impl Store {
                 review::Column::VisaPageCt,
                 Expr::value(Option::<String>::None),
             )
+            .col_expr(
+                review::Column::LiveImageCt,
+                Expr::value(Option::<String>::None),
+            )
             .filter(review::Column::Id.eq(id))
             .filter(review::Column::State.eq(REVIEW_PENDING))
             .exec(&txn)
             .await?;
+        let row = review::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::Db(DbErr::RecordNotFound("review".into())))?;
         if updated.rows_affected != 1 {
             txn.rollback().await?;
-            return Ok(Decided::AlreadyDecided);
+            let retry = row.state == state && row.decided_by.as_deref() == Some(decided_by);
+            return Ok(if retry {
+                Decided::Done(Box::new(self.open_review(row)?))
+            } else {
+                Decided::AlreadyDecided
+            });
         }
         let step = Step::from_code(row.step)
             .ok_or_else(|| StoreError::Sealed("unknown step code".into()))?;
@@ -636,7 +736,7 @@ impl Store {
             StepState::Failed
         };
         let reason = if approve { "" } else { "REVIEW_REJECTED" };
-        Self::move_step(
+        let moved = Self::move_step(
             &txn,
             &row.person_id,
             step,
@@ -646,11 +746,11 @@ impl Store {
             now,
         )
         .await?;
-        let decided = review::Entity::find_by_id(id)
-            .one(&txn)
-            .await?
-            .ok_or_else(|| StoreError::Db(DbErr::RecordNotFound("review".into())))?;
+        if !moved {
+            txn.rollback().await?;
+            return Ok(Decided::StepMoved);
+        }
         txn.commit().await?;
-        Ok(Decided::Done(Box::new(self.open_review(decided)?)))
+        Ok(Decided::Done(Box::new(self.open_review(row)?)))
     }
 }

@@ -1036,3 +1036,38 @@ async fn concurrent_guesses_on_postgres() {
 async fn concurrent_guesses_on_the_embedded_default() {
     concurrent_guesses_spend_one_attempt_each(Backend::Embedded).await;
 }
+
+#[tokio::test]
+async fn retired_signing_keys_stay_published_after_a_rotation() {
+    let old = healthcode_crypto::SigningKey::generate("identity-2025").unwrap();
+    let retired = format!("identity-2025:{}", old.verifying_key().to_hex());
+    let Running {
+        app,
+        database_url,
+        mut client,
+        ..
+    } = start(
+        Backend::Embedded,
+        &[("SIGNING_RETIRED_KEYS", retired.as_str())],
+    )
+    .await;
+    let keys = client
+        .get_public_keys(common::GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let ids: Vec<&str> = keys.iter().map(|k| k.key_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["identity-dev-1", "identity-2025"],
+        "the active key first"
+    );
+    // An attestation the old key made still verifies with what is published.
+    let signature = old.sign(b"attested before the rotation").unwrap();
+    VerifyingKey::from_sec1("identity-2025", &keys[1].public_key_sec1)
+        .unwrap()
+        .verify(b"attested before the rotation", &signature)
+        .unwrap();
+    Running::stop(app, &database_url).await;
+}

@@ -42,6 +42,9 @@ pub struct IdentityConfig {
     pub field_cipher: FieldCipher,
     pub blind_index: BlindIndex,
     pub signing_key: SigningKey,
+    /// `SIGNING_RETIRED_KEYS`: public keys this service signed with before a rotation,
+    /// still published so that earlier attestations keep verifying.
+    pub retired_keys: TrustedKeys,
     pub issuer_keys: TrustedKeys,
     pub phone: PhonePolicy,
 }
@@ -57,6 +60,14 @@ impl IdentityConfig {
             &env.required::<String>("SIGNING_KEY")?,
         )
         .map_err(|e| ConfigError::invalid("SIGNING_KEY", e))?;
+        let retired_keys = TrustedKeys::parse(&env.or("SIGNING_RETIRED_KEYS", String::new())?)
+            .map_err(|e| ConfigError::invalid("SIGNING_RETIRED_KEYS", e))?;
+        if retired_keys.get(signing_key.key_id()).is_some() {
+            return Err(ConfigError::invalid(
+                "SIGNING_RETIRED_KEYS",
+                "lists the id of the active signing key",
+            ));
+        }
         let issuer_keys = TrustedKeys::parse(&env.or("AUTH_ISSUER_KEYS", String::new())?)
             .map_err(|e| ConfigError::invalid("AUTH_ISSUER_KEYS", e))?;
         let phone = PhonePolicy {
@@ -74,6 +85,7 @@ impl IdentityConfig {
             field_cipher,
             blind_index,
             signing_key,
+            retired_keys,
             issuer_keys,
             phone,
         })

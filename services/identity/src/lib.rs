@@ -54,7 +54,11 @@ impl Application {
             Arc::new(config.signing_key),
             config.phone,
         );
-        let rpc = IdentityRpc::new(Arc::new(identity), TokenVerifier::new(config.issuer_keys));
+        let rpc = IdentityRpc::new(
+            Arc::new(identity),
+            TokenVerifier::new(config.issuer_keys),
+            config.retired_keys,
+        );
         let routes = tonic::service::Routes::new(
             IdentityServiceServer::new(rpc)
                 // Passport pages and visa images travel in one request.

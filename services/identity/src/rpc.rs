@@ -9,6 +9,7 @@ use crate::service::{Identity, Registration, StatusView};
 use crate::store::{PersonRecord, REVIEW_APPROVED, REVIEW_PENDING, REVIEW_REJECTED, ReviewRecord};
 use chrono::{DateTime, Utc};
 use healthcode_auth::{Caller, TokenVerifier, require_any, roles};
+use healthcode_crypto::{TrustedKeys, VerifyingKey};
 use healthcode_errors::{ServiceError, Violations};
 use healthcode_proto::common::v1 as common;
 use healthcode_proto::identity::v1 as pb;
@@ -19,11 +20,20 @@ use tonic::{Request, Response, Status};
 pub struct IdentityRpc {
     identity: Arc<Identity>,
     verifier: TokenVerifier,
+    retired_keys: TrustedKeys,
 }
 
 impl IdentityRpc {
-    pub fn new(identity: Arc<Identity>, verifier: TokenVerifier) -> Self {
-        IdentityRpc { identity, verifier }
+    pub fn new(
+        identity: Arc<Identity>,
+        verifier: TokenVerifier,
+        retired_keys: TrustedKeys,
+    ) -> Self {
+        IdentityRpc {
+            identity,
+            verifier,
+            retired_keys,
+        }
     }
 
     fn caller<T>(&self, request: &Request<T>, any_of: &[&str]) -> Result<Caller, Status> {
@@ -622,16 +632,20 @@ impl IdentityService for IdentityRpc {
         &self,
         _request: Request<common::GetPublicKeysRequest>,
     ) -> RpcResult<common::GetPublicKeysResponse> {
-        let key = self.identity.signer().verifying_key();
+        let active = self.identity.signer().verifying_key();
+        let published = |key: &VerifyingKey| common::PublicKey {
+            key_id: key.key_id().to_owned(),
+            algorithm: "SM2".into(),
+            public_key_sec1: key.sec1_bytes(),
+            public_key_pem: key.to_pem().unwrap_or_default(),
+            not_before: None,
+            not_after: None,
+        };
         Ok(Response::new(common::GetPublicKeysResponse {
-            keys: vec![common::PublicKey {
-                key_id: key.key_id().to_owned(),
-                algorithm: "SM2".into(),
-                public_key_sec1: key.sec1_bytes(),
-                public_key_pem: key.to_pem().unwrap_or_default(),
-                not_before: None,
-                not_after: None,
-            }],
+            keys: std::iter::once(&active)
+                .chain(self.retired_keys.iter())
+                .map(published)
+                .collect(),
         }))
     }
 }

@@ -1,5 +1,6 @@
-//! Redis, one node or a Cluster. Multi-key reads are pipelined; compare-and-set is a script,
-//! so it is atomic on the node that owns the key.
+//! Redis, one node or a Cluster. A versioned value is one string, `<version>:<data>`, so a
+//! batch of them is one MGET (split by node in a Cluster, where a pipeline could not cross
+//! slots); compare-and-set is a script, atomic on the node that owns the key.
 
 use crate::{Cache, CacheError, Versioned};
 use async_trait::async_trait;
@@ -95,15 +96,21 @@ impl std::fmt::Debug for RedisCache {
 }
 
 const SET_IF_NEWER: &str = r"
-local current = redis.call('HGET', KEYS[1], 'v')
-if current and tonumber(current) >= tonumber(ARGV[1]) then
-  return 0
+local current = redis.call('GET', KEYS[1])
+if current then
+  local sep = string.find(current, ':', 1, true)
+  if not sep then
+    return redis.error_reply('not a versioned value')
+  end
+  if tonumber(string.sub(current, 1, sep - 1)) >= tonumber(ARGV[1]) then
+    return 0
+  end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
+local value = ARGV[1] .. ':' .. ARGV[2]
 if tonumber(ARGV[3]) > 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
 else
-  redis.call('PERSIST', KEYS[1])
+  redis.call('SET', KEYS[1], value)
 end
 return 1
 ";
@@ -172,14 +179,20 @@ impl RedisCache {
     }
 }
 
-fn versioned(fields: (Option<u64>, Option<Vec<u8>>)) -> Result<Option<Versioned>, CacheError> {
-    match fields {
-        (Some(version), Some(data)) => Ok(Some(Versioned { version, data })),
-        (None, None) => Ok(None),
-        _ => Err(CacheError::Corrupt(
-            "versioned value missing a field".into(),
-        )),
-    }
+fn versioned(raw: Option<Vec<u8>>) -> Result<Option<Versioned>, CacheError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let corrupt = || CacheError::Corrupt("not a versioned value".into());
+    let sep = raw.iter().position(|b| *b == b':').ok_or_else(corrupt)?;
+    let version = std::str::from_utf8(&raw[..sep])
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(corrupt)?;
+    Ok(Some(Versioned {
+        version,
+        data: raw[sep + 1..].to_vec(),
+    }))
 }
 
 #[async_trait]
@@ -244,14 +257,12 @@ impl Cache for RedisCache {
     }
 
     async fn get_versioned(&self, key: &str) -> Result<Option<Versioned>, CacheError> {
-        let fields: (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
             .arg(self.key(key))
-            .arg("v")
-            .arg("d")
             .query_async(&mut self.connection())
             .await
             .map_err(unavailable)?;
-        versioned(fields)
+        versioned(raw)
     }
 
     async fn get_versioned_many(
@@ -261,11 +272,11 @@ impl Cache for RedisCache {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut cmd = redis::cmd("MGET");
         for key in keys {
-            pipe.cmd("HMGET").arg(self.key(key)).arg("v").arg("d");
+            cmd.arg(self.key(key));
         }
-        let rows: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe
+        let rows: Vec<Option<Vec<u8>>> = cmd
             .query_async(&mut self.connection())
             .await
             .map_err(unavailable)?;

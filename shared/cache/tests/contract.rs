@@ -147,3 +147,130 @@ async fn redis_that_is_not_there_is_an_error_not_a_hang() {
     assert!(cache.get("k").await.is_err());
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// A three-node Redis Cluster of this test's own: `redis-server` processes on free ports of
+/// the loopback, stopped and removed when dropped.
+struct LocalCluster {
+    nodes: Vec<std::process::Child>,
+    dir: std::path::PathBuf,
+    ports: Vec<u16>,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn local_cluster() -> LocalCluster {
+    let dir = std::env::temp_dir().join(format!("hc-cluster-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Cluster nodes also listen on port + 10000 for their bus.
+    let ports: Vec<u16> = std::iter::repeat_with(free_port)
+        .filter(|p| *p < 55_000)
+        .take(3)
+        .collect();
+    let mut cluster = LocalCluster {
+        nodes: Vec::new(),
+        dir: dir.clone(),
+        ports: ports.clone(),
+    };
+    for port in &ports {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (it runs the cache tests)");
+        cluster.nodes.push(child);
+    }
+    for port in &ports {
+        for _ in 0..100 {
+            if redis_cli(*port, &["ping"]).contains("PONG") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let created = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    for _ in 0..200 {
+        if ports
+            .iter()
+            .all(|p| redis_cli(*p, &["cluster", "info"]).contains("cluster_state:ok"))
+        {
+            return cluster;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the local cluster did not become ready");
+}
+
+#[tokio::test]
+async fn redis_cluster_backend_meets_the_contract() {
+    let cluster = local_cluster().await;
+    let settings = RedisSettings {
+        urls: cluster
+            .ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect(),
+        cluster: true,
+        response_timeout: Duration::from_secs(2),
+    };
+    let cache: Arc<dyn Cache> = Arc::new(
+        RedisCache::connect(&settings, &unique_prefix())
+            .await
+            .expect("cluster"),
+    );
+    contract(cache.clone()).await;
+    newest_wins_under_concurrency(cache.clone()).await;
+    // Keys spread over every node: one pipelined read still answers in order.
+    let keys: Vec<String> = (0..200).map(|i| format!("spread-{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        cache
+            .set_if_newer(key, 1, i.to_string().as_bytes(), None)
+            .await
+            .unwrap();
+    }
+    let read = cache.get_versioned_many(&keys).await.unwrap();
+    for (i, value) in read.into_iter().enumerate() {
+        assert_eq!(value.unwrap().data, i.to_string().into_bytes());
+    }
+    drop(cluster);
+}

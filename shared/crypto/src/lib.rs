@@ -402,6 +402,11 @@ impl TrustedKeys {
             .verify(msg, der_sig)
     }
 
+    /// The keys, in key-id order.
+    pub fn iter(&self) -> impl Iterator<Item = &VerifyingKey> {
+        self.keys.values()
+    }
+
     /// Number of trusted keys.
     pub fn len(&self) -> usize {
         self.keys.len()

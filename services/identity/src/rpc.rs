@@ -323,7 +323,7 @@ impl IdentityService for IdentityRpc {
         v.finish()?;
         let id = id.unwrap_or_default();
         let person = self.identity.person(&id).await?;
-        let status = self.identity.status(&id, now()).await?;
+        let status = self.identity.status_for(&person, now()).await?;
         Ok(Response::new(pb::Person {
             person: person_ref(&person.id),
             document: Some(pb::IdentityDocument {

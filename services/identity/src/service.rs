@@ -289,6 +289,15 @@ impl Identity {
         self.status_of(&self.person(id).await?, true, now).await
     }
 
+    /// The status of a person already loaded, with its attestation.
+    pub async fn status_for(
+        &self,
+        person: &PersonRecord,
+        now: DateTime<Utc>,
+    ) -> Result<StatusView, ServiceError> {
+        self.status_of(person, true, now).await
+    }
+
     /// Whether the person is verified, without the cost of an attestation (masked views).
     pub async fn is_verified(&self, person: &PersonRecord) -> Result<bool, ServiceError> {
         Ok(self.status_of(person, false, Utc::now()).await?.verified)

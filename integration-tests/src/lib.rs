@@ -1,6 +1,8 @@
 //! What every integration test needs: a fresh PostgreSQL database or SQLite file, its own
 //! Redis key space, fresh keys, and caller tokens. The services run for real, on port 0.
 
+pub mod mesh;
+
 use healthcode_auth::{TokenIssuer, roles};
 use healthcode_config::Env;
 use healthcode_crypto::SigningKey;
@@ -13,7 +15,7 @@ fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| ADMIN_DATABASE_URL.to_owned())
 }
 
-fn redis_url() -> String {
+pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| REDIS_URL.to_owned())
 }
 

@@ -609,7 +609,8 @@ impl IdentityService for IdentityRpc {
         &self,
         request: Request<pb::ListDependentsRequest>,
     ) -> RpcResult<pb::ListDependentsResponse> {
-        self.caller(&request, &[roles::APP])?;
+        // The gateway checks guardianship before showing a dependent's code.
+        self.caller(&request, &[roles::APP, roles::INTERNAL])?;
         let mut v = Violations::new();
         let guardian = person_id(&mut v, "guardian", request.get_ref().guardian.as_ref());
         v.finish()?;

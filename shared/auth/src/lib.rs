@@ -24,7 +24,31 @@ pub mod roles {
     pub const FULL_VIEW: &str = "full_view";
     /// A venue scanner: masked views only.
     pub const VENUE: &str = "venue";
-    pub const ALL: &[&str] = &[APP, OFFICIAL, REVIEWER, FULL_VIEW, VENUE];
+    /// Another service of this mesh (the gateway asking risk, testing reporting results).
+    pub const INTERNAL: &str = "internal";
+    /// Publishes the province's risk policy versions.
+    pub const POLICY_ADMIN: &str = "policy_admin";
+    /// Approves manual color overrides and held bulk changes; two distinct ones are needed.
+    pub const APPROVER: &str = "approver";
+    /// Reads the audit trail.
+    pub const AUDITOR: &str = "auditor";
+    /// A 12345 hotline agent (red-code appeals).
+    pub const HOTLINE: &str = "hotline";
+    /// A school or employer system checking many persons at once.
+    pub const BATCH_CHECKER: &str = "batch_checker";
+    pub const ALL: &[&str] = &[
+        APP,
+        OFFICIAL,
+        REVIEWER,
+        FULL_VIEW,
+        VENUE,
+        INTERNAL,
+        POLICY_ADMIN,
+        APPROVER,
+        AUDITOR,
+        HOTLINE,
+        BATCH_CHECKER,
+    ];
 }
 
 const PREFIX: &str = "hc1";
@@ -124,14 +148,47 @@ impl TokenIssuer {
 #[derive(Clone)]
 pub struct TokenVerifier {
     keys: TrustedKeys,
+    /// Tokens already verified, with their expiry: a caller sends the same token on every
+    /// call, and an SM2 verification per call would cost more than the call itself.
+    verified: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (Caller, i64)>>>,
 }
+
+/// Verified tokens remembered at most; the memory is cleared when full.
+const VERIFIED_CACHE: usize = 10_000;
 
 impl TokenVerifier {
     pub fn new(keys: TrustedKeys) -> Self {
-        TokenVerifier { keys }
+        TokenVerifier {
+            keys,
+            verified: Default::default(),
+        }
     }
 
     pub fn verify(&self, token: &str, now: i64) -> Result<Caller, AuthError> {
+        let mut verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((caller, exp)) = verified.get(token) {
+            if *exp > now {
+                return Ok(caller.clone());
+            }
+            verified.remove(token);
+        }
+        drop(verified);
+        let (caller, exp) = self.verify_signature(token, now)?;
+        let mut verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if verified.len() >= VERIFIED_CACHE {
+            verified.clear();
+        }
+        verified.insert(token.to_owned(), (caller.clone(), exp));
+        Ok(caller)
+    }
+
+    fn verify_signature(&self, token: &str, now: i64) -> Result<(Caller, i64), AuthError> {
         let mut parts = token.split('.');
         let (Some(prefix), Some(kid), Some(claims_b64), Some(sig_b64), None) = (
             parts.next(),
@@ -166,10 +223,13 @@ impl TokenVerifier {
         if claims.exp <= now {
             return Err(AuthError::Expired);
         }
-        Ok(Caller {
-            subject: claims.sub,
-            roles: claims.roles,
-        })
+        Ok((
+            Caller {
+                subject: claims.sub,
+                roles: claims.roles,
+            },
+            claims.exp,
+        ))
     }
 
     /// The caller of a gRPC request, as a status the handler can return directly.

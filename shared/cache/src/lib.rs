@@ -12,7 +12,7 @@ mod memory;
 mod redis_backend;
 
 pub use memory::MemoryCache;
-pub use redis_backend::{RedisCache, RedisSettings};
+pub use redis_backend::{Connection as RedisConnection, RedisCache, RedisSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -79,3 +79,13 @@ pub async fn from_settings(
         None => Ok(Arc::new(MemoryCache::new(prefix))),
     }
 }
+
+/// The key of a person's current color: written by the risk service (the record's owner),
+/// read by the gateway. The hash tag keeps a person's keys on one Cluster slot.
+pub fn color_key(person_id: &str) -> String {
+    format!("color:{{{person_id}}}")
+}
+
+/// How long a color stays cached without being touched; the record is in the risk
+/// service's database, and a miss loads it again.
+pub const COLOR_TTL: Duration = Duration::from_secs(7 * 24 * 3600);

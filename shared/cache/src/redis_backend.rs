@@ -43,10 +43,43 @@ impl RedisSettings {
     }
 }
 
+/// A connection to Redis, one node or a Cluster, cheap to clone (multiplexed). Other crates
+/// (the event bus) share the way this crate connects rather than repeating it.
 #[derive(Clone)]
-enum Connection {
+pub enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+impl Connection {
+    /// A single node connects lazily and reconnects by itself, so a service starts (and
+    /// serves from its database) while Redis is down.
+    pub async fn open(settings: &RedisSettings) -> Result<Self, CacheError> {
+        if settings.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
+                .connection_timeout(Duration::from_secs(1))
+                .response_timeout(settings.response_timeout)
+                .build()
+                .map_err(unavailable)?;
+            Ok(Connection::Cluster(
+                client.get_async_connection().await.map_err(unavailable)?,
+            ))
+        } else {
+            let url = settings
+                .urls
+                .first()
+                .ok_or_else(|| CacheError::Unavailable("no Redis URL".into()))?;
+            let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(Some(settings.response_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(2));
+            Ok(Connection::Single(
+                ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?,
+            ))
+        }
+    }
 }
 
 impl redis::aio::ConnectionLike for Connection {
@@ -140,28 +173,7 @@ impl RedisCache {
     /// A single node connects lazily and reconnects by itself, so a service starts (and
     /// serves from its database) while Redis is down.
     pub async fn connect(settings: &RedisSettings, prefix: &str) -> Result<Self, CacheError> {
-        let connection = if settings.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
-                .connection_timeout(Duration::from_secs(1))
-                .response_timeout(settings.response_timeout)
-                .build()
-                .map_err(unavailable)?;
-            Connection::Cluster(client.get_async_connection().await.map_err(unavailable)?)
-        } else {
-            let url = settings
-                .urls
-                .first()
-                .ok_or_else(|| CacheError::Unavailable("no Redis URL".into()))?;
-            let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(1)))
-                .set_response_timeout(Some(settings.response_timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(2));
-            Connection::Single(
-                ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?,
-            )
-        };
+        let connection = Connection::open(settings).await?;
         Ok(RedisCache {
             prefix: prefix.to_owned(),
             connection,

@@ -45,3 +45,11 @@ pub mod gateway {
         tonic::include_proto!("healthcode.gateway.v1");
     }
 }
+
+/// Not a service of the mesh: the echo contract `hc-bench` serves itself to measure the bare
+/// cost of the gRPC stack.
+pub mod bench {
+    pub mod v1 {
+        tonic::include_proto!("healthcode.bench.v1");
+    }
+}

@@ -1,0 +1,240 @@
+//! The whole mesh for a test or a benchmark: identity, risk and the gateway, started for
+//! real on port 0 over one backend, with helpers to make verified persons.
+
+use crate::{Backend, TestKeys, authorized, fresh_postgres_database, fresh_sqlite_url};
+use healthcode_auth::roles;
+use healthcode_config::Env;
+use healthcode_events::Backends;
+use healthcode_proto::common::v1::{DocumentType, PersonRef};
+use healthcode_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
+use healthcode_proto::identity::v1 as id;
+use healthcode_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use healthcode_proto::risk::v1::risk_service_client::RiskServiceClient;
+use identity::providers::{LocalSms, Providers};
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+pub const PROVINCE: &str = "330000";
+
+pub struct Mesh {
+    pub identity: identity::Application,
+    pub risk: risk::Application,
+    pub gateway: gateway::Application,
+    pub keys: TestKeys,
+    pub sms: Arc<LocalSms>,
+    pub backends: Backends,
+    /// Cache and stream key prefix of this mesh (its own Redis key space).
+    pub prefix: String,
+    pub redis_url: Option<String>,
+    databases: Vec<String>,
+}
+
+async fn database(backend: Backend) -> String {
+    match backend {
+        Backend::Real => fresh_postgres_database().await,
+        Backend::Embedded => fresh_sqlite_url(),
+    }
+}
+
+/// A resident identity card number with a valid GB 11643 check digit, distinct per `n`.
+pub fn resident_id(n: u32) -> String {
+    let day = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+        .unwrap_or_default()
+        .checked_add_days(chrono::Days::new(u64::from(n / 900)))
+        .unwrap_or_default();
+    let body = format!("110105{}{:03}", day.format("%Y%m%d"), n % 900 + 100);
+    const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    const CHECK: &[u8; 11] = b"10X98765432";
+    let sum: u32 = body
+        .bytes()
+        .zip(WEIGHTS)
+        .map(|(b, w)| u32::from(b - b'0') * w)
+        .sum();
+    format!("{body}{}", CHECK[(sum % 11) as usize] as char)
+}
+
+impl Mesh {
+    /// Starts the three services; `redis_url` overrides the machine's Redis (a test that
+    /// stops its own Redis mid-run).
+    pub async fn start(backend: Backend, redis_url: Option<String>) -> Mesh {
+        Self::start_with(backend, redis_url, &[]).await
+    }
+
+    pub async fn start_with(
+        backend: Backend,
+        redis_url: Option<String>,
+        extra: &[(&str, &str)],
+    ) -> Mesh {
+        let keys = TestKeys::new();
+        let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+        let redis_url = match backend {
+            Backend::Real => Some(redis_url.unwrap_or_else(crate::redis_url)),
+            Backend::Embedded => None,
+        };
+        let base = |db: String| {
+            let mut env = Env::from_pairs(Vec::<(String, String)>::new())
+                .with("LISTEN_ADDR", "127.0.0.1:0")
+                .with("AUTH_ISSUER_KEYS", keys.issuer.trusted_spec())
+                .with("SHUTDOWN_GRACE_SECONDS", "5")
+                .with("SHUTDOWN_DRAIN_DELAY_MS", "0")
+                .with("CACHE_PREFIX", prefix.clone())
+                .with("PROVINCE_CODE", PROVINCE)
+                .with("DATABASE_URL", db);
+            if let Some(url) = &redis_url {
+                env = env
+                    .with("REDIS_URL", url.clone())
+                    .with("REDIS_TIMEOUT_MS", "200");
+            }
+            for (k, v) in extra {
+                env = env.with(*k, *v);
+            }
+            env
+        };
+        let databases = vec![
+            database(backend).await,
+            database(backend).await,
+            database(backend).await,
+        ];
+        let mut identity_env = base(databases[0].clone()).with("PROVIDERS", "local");
+        for (k, v) in identity::config::generate_dev_secrets().expect("secrets") {
+            identity_env = identity_env.with(k, v);
+        }
+        let (providers, sms) = Providers::local();
+        let identity = identity::Application::build(
+            identity::config::IdentityConfig::from_env(&identity_env).expect("identity config"),
+            providers,
+        )
+        .await
+        .expect("identity starts");
+        let settings = healthcode_cache::RedisSettings::from_env(&base(String::new()))
+            .expect("redis settings");
+        let backends = Backends::connect(settings.as_ref(), &prefix)
+            .await
+            .expect("backends");
+        let risk_env = base(databases[1].clone()).with("SWEEP_INTERVAL_MS", "500");
+        let risk = risk::Application::build(
+            risk::config::RiskConfig::from_env(&risk_env).expect("risk config"),
+            backends.clone(),
+        )
+        .await
+        .expect("risk starts");
+        let mut gateway_env = base(databases[2].clone())
+            .with("RISK_URL", format!("http://{}", risk.local_addr()))
+            .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
+            .with("SERVICE_TOKEN", keys.token("gateway", &[roles::INTERNAL]))
+            .with("CONSUMER_NAME", "gateway-test");
+        for (k, v) in gateway::config::generate_dev_secrets().expect("secrets") {
+            gateway_env = gateway_env.with(k, v);
+        }
+        let gateway = gateway::Application::build(
+            gateway::config::GatewayConfig::from_env(&gateway_env).expect("gateway config"),
+            backends.clone(),
+        )
+        .await
+        .expect("gateway starts");
+        Mesh {
+            identity,
+            risk,
+            gateway,
+            keys,
+            sms,
+            backends,
+            prefix,
+            redis_url,
+            databases,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.gateway.shutdown().await;
+        self.risk.shutdown().await;
+        self.identity.shutdown().await;
+        for db in &self.databases {
+            crate::drop_test_database(db).await;
+        }
+    }
+
+    pub async fn gateway_client(&self) -> GatewayServiceClient<Channel> {
+        GatewayServiceClient::connect(format!("http://{}", self.gateway.local_addr()))
+            .await
+            .expect("connect gateway")
+    }
+
+    pub async fn risk_client(&self) -> RiskServiceClient<Channel> {
+        RiskServiceClient::connect(format!("http://{}", self.risk.local_addr()))
+            .await
+            .expect("connect risk")
+    }
+
+    pub async fn identity_client(&self) -> IdentityServiceClient<Channel> {
+        IdentityServiceClient::connect(format!("http://{}", self.identity.local_addr()))
+            .await
+            .expect("connect identity")
+    }
+
+    /// Registers person `n` and walks the identity, phone and face steps: a verified person.
+    pub async fn verified_person(&self, n: u32) -> String {
+        let mut client = self.identity_client().await;
+        let token = self.keys.app();
+        let person_id = client
+            .register_person(authorized(
+                id::RegisterPersonRequest {
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    document: Some(id::IdentityDocument {
+                        r#type: DocumentType::ResidentIdCard as i32,
+                        number: resident_id(n),
+                        issuing_country: String::new(),
+                    }),
+                    name: "王小二".into(),
+                    ..Default::default()
+                },
+                &token,
+            ))
+            .await
+            .expect("register")
+            .into_inner()
+            .person
+            .expect("person")
+            .person_id;
+        let person = Some(PersonRef {
+            person_id: person_id.clone(),
+        });
+        let phone = format!("139{:08}", n);
+        client
+            .send_phone_code(authorized(
+                id::SendPhoneCodeRequest {
+                    person: person.clone(),
+                    phone_number: phone.clone(),
+                },
+                &token,
+            ))
+            .await
+            .expect("send code");
+        let code = self.sms.last_code(&phone).expect("code sent");
+        client
+            .confirm_phone_code(authorized(
+                id::ConfirmPhoneCodeRequest {
+                    person: person.clone(),
+                    code,
+                },
+                &token,
+            ))
+            .await
+            .expect("confirm");
+        let mut image = b"\x89PNG\r\n\x1a\n".to_vec();
+        image.extend_from_slice(b"score=092");
+        let status = client
+            .submit_face_match(authorized(
+                id::SubmitFaceMatchRequest {
+                    person,
+                    live_image: image,
+                },
+                &token,
+            ))
+            .await
+            .expect("face")
+            .into_inner();
+        assert!(status.verified, "person {n} verified");
+        person_id
+    }
+}

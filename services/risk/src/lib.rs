@@ -1,0 +1,162 @@
+//! The risk service: decides every person's color from risk events, directives (with
+//! double confirmation), manual overrides (two approvers) and the province's versioned
+//! policy; keeps the color record, its history and an insert-only audit trail; writes the
+//! color cache through and publishes every change through the outbox.
+
+pub mod config;
+pub mod domain;
+pub mod migration;
+pub mod ops;
+pub mod policies;
+pub mod rpc;
+pub mod service;
+pub mod store;
+
+use crate::config::RiskConfig;
+use crate::policies::PolicyBook;
+use crate::rpc::RiskRpc;
+use crate::service::Risk;
+use crate::store::Store;
+use chrono::TimeZone;
+use healthcode_auth::TokenVerifier;
+use healthcode_events::{Backends, Relay, RelayHandle, RelaySettings};
+use healthcode_proto::risk::v1::risk_service_server::{RiskServiceServer, SERVICE_NAME};
+use healthcode_server::RunningServer;
+use sea_orm::DatabaseConnection;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("database: {0}")]
+    Database(#[from] sea_orm::DbErr),
+    #[error("cannot bind: {0}")]
+    Bind(#[from] std::io::Error),
+}
+
+pub struct Application {
+    server: RunningServer,
+    db: DatabaseConnection,
+    risk: Arc<Risk>,
+    relay: RelayHandle,
+    stop_jobs: watch::Sender<bool>,
+    jobs: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Application {
+    /// Connects, migrates, seeds the default policy if the province has none, binds (port
+    /// 0 allowed) and serves in the background with the relay and the scheduled jobs.
+    pub async fn build(config: RiskConfig, backends: Backends) -> Result<Self, StartError> {
+        let db = healthcode_db::connect_and_migrate::<migration::Migrator>(&config.db).await?;
+        let policies = Arc::new(PolicyBook::new(&config.province_code));
+        let epoch = chrono::Utc
+            .with_ymd_and_hms(2020, 1, 1, 0, 0, 0)
+            .single()
+            .unwrap_or_default();
+        policies.seed(&db, epoch).await?;
+        let relay = Relay::new(db.clone(), backends.bus.clone(), RelaySettings::default());
+        let risk = Arc::new(Risk::new(
+            Store::new(db.clone()),
+            backends.cache.clone(),
+            relay.clone(),
+            policies.clone(),
+        ));
+        let rpc = RiskRpc::new(risk.clone(), TokenVerifier::new(config.issuer_keys));
+        let routes = tonic::service::Routes::new(
+            RiskServiceServer::new(rpc).max_decoding_message_size(8 * 1024 * 1024),
+        );
+        let server = healthcode_server::start(
+            &config.server,
+            routes,
+            &[SERVICE_NAME],
+            healthcode_proto::FILE_DESCRIPTOR_SET,
+        )
+        .await?;
+        let (stop_jobs, stopped) = watch::channel(false);
+        let jobs = vec![
+            spawn_job("sweep", config.sweep_interval, stopped.clone(), {
+                let risk = risk.clone();
+                move || {
+                    let risk = risk.clone();
+                    async move {
+                        let due = risk.sweep_once(500).await.map_err(|e| e.to_string())?;
+                        risk.policies()
+                            .reload(&risk.store().db)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok(due as u64)
+                    }
+                }
+            }),
+            spawn_job("itinerary purge", config.purge_interval, stopped, {
+                let risk = risk.clone();
+                move || {
+                    let risk = risk.clone();
+                    async move { risk.purge_once().await.map_err(|e| e.to_string()) }
+                }
+            }),
+        ];
+        Ok(Application {
+            server,
+            db,
+            risk,
+            relay: relay.spawn(),
+            stop_jobs,
+            jobs,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// The service behind the RPCs, for tests that run a job now.
+    pub fn risk(&self) -> &Arc<Risk> {
+        &self.risk
+    }
+
+    /// Drains requests, stops the jobs, relays what committed, closes the pool.
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
+        let _ = self.stop_jobs.send(true);
+        for job in self.jobs {
+            let _ = job.await;
+        }
+        self.relay.shutdown().await;
+        if let Err(err) = self.db.close().await {
+            tracing::warn!(error = %err, "closing the database pool");
+        }
+    }
+}
+
+/// Runs `work` every `interval` until stopped; failures are logged and retried next time.
+fn spawn_job<F, Fut>(
+    name: &'static str,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+    work: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<u64, String>> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => break,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            match work().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(job = name, items = n, "scheduled job done"),
+                Err(err) => tracing::warn!(job = name, error = %err, "scheduled job failed"),
+            }
+        }
+    })
+}

@@ -199,7 +199,7 @@ impl Mesh {
         let person = Some(PersonRef {
             person_id: person_id.clone(),
         });
-        let phone = format!("139{:08}", n);
+        let phone = format!("139{:07}1", n % 10_000_000);
         client
             .send_phone_code(authorized(
                 id::SendPhoneCodeRequest {

@@ -6,6 +6,7 @@ use crate::store::entities::*;
 use healthcode_auth::{Caller, TokenVerifier, require_any, roles};
 use healthcode_codes::{issue_offline, sign_place, verify_offline, verify_place};
 use healthcode_crypto::VerifyingKey;
+use healthcode_errors::fields::{self, request_id, text};
 use healthcode_errors::{ServiceError, Violations};
 use healthcode_proto::common::v1::{
     CodeColor, GetPublicKeysRequest, GetPublicKeysResponse, ItemError, PersonRef, PublicKey,
@@ -44,44 +45,15 @@ fn st(err: ServiceError) -> Status {
 }
 
 fn person_id(v: &mut Violations, field: &str, person: &Option<PersonRef>) -> String {
-    match person {
-        None => {
-            v.add(field, "required");
-            String::new()
-        }
-        Some(p) => match uuid::Uuid::parse_str(&p.person_id) {
-            Ok(id) if id.hyphenated().to_string() == p.person_id => p.person_id.clone(),
-            _ => {
-                v.add(
-                    format!("{field}.person_id"),
-                    "must be a UUID in canonical form",
-                );
-                String::new()
-            }
-        },
-    }
+    fields::person_id(v, field, person.as_ref().map(|p| p.person_id.as_str()))
 }
 
-fn request_id(v: &mut Violations, value: &str) {
-    if value.is_empty()
-        || value.len() > 128
-        || value.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
-        v.add(
-            "request_id",
-            "required: 1 to 128 printable characters (a UUID)",
-        );
-    }
-}
-
-fn text(v: &mut Violations, field: &str, value: &str, max: usize, required: bool) {
-    if required && value.trim().is_empty() {
-        v.add(field, "required");
-    } else if value.chars().count() > max {
-        v.add(field, format!("at most {max} characters"));
-    } else if value.chars().any(char::is_control) {
-        v.add(field, "control characters are not allowed");
-    }
+fn page(
+    v: &mut Violations,
+    page: &Option<healthcode_proto::common::v1::PageRequest>,
+) -> (u64, u64) {
+    let page = page.clone().unwrap_or_default();
+    fields::page(v, page.page_size, &page.page_token)
 }
 
 fn qr(v: &mut Violations, field: &str, value: &str) {
@@ -94,33 +66,6 @@ fn qr(v: &mut Violations, field: &str, value: &str) {
 
 fn guardian(v: &mut Violations, g: &Option<PersonRef>) -> Option<String> {
     g.as_ref().map(|_| person_id(v, "guardian", g))
-}
-
-fn page(
-    v: &mut Violations,
-    page: &Option<healthcode_proto::common::v1::PageRequest>,
-) -> (u64, u64) {
-    let page = page.clone().unwrap_or_default();
-    let limit = match page.page_size {
-        0 => 50,
-        n if n > 500 => {
-            v.add("page.page_size", "must be at most 500");
-            50
-        }
-        n => n as u64,
-    };
-    let offset = if page.page_token.is_empty() {
-        0
-    } else {
-        v.check(
-            "page.page_token",
-            page.page_token
-                .parse::<u64>()
-                .map_err(|_| "is not a token this service issued"),
-        )
-        .unwrap_or(0)
-    };
-    (offset, limit)
 }
 
 fn not_built(what: &str) -> Status {

@@ -8,6 +8,7 @@ use crate::store::entities::*;
 use crate::upstream::Upstreams;
 use healthcode_codes::{CodeSigner, qr_svg, step_at, verify_online};
 use healthcode_crypto::{FieldCipher, TrustedKeys};
+pub use healthcode_db::db_error;
 use healthcode_errors::ServiceError;
 use healthcode_proto::common::v1::{CodeColor, MaskedIdentity, PersonRef};
 use healthcode_proto::gateway::v1 as pb;
@@ -16,7 +17,7 @@ use healthcode_proto::risk::v1::PersonColor;
 use prost::Message;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
     TransactionTrait,
 };
 use std::collections::HashMap;
@@ -25,16 +26,6 @@ use std::sync::{Arc, Mutex};
 /// Check records are listed for 30 days and purged after 60 (itinerary retention).
 pub const LIST_DAYS: i64 = 30;
 pub const KEEP_DAYS: i64 = 60;
-
-pub fn db_error(err: DbErr) -> ServiceError {
-    match err {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
-            tracing::warn!(error = %err, "database unavailable");
-            ServiceError::Unavailable("the database is unavailable; retry later".into())
-        }
-        other => ServiceError::internal(other),
-    }
-}
 
 fn color_error(err: ColorError) -> ServiceError {
     match err {
@@ -128,6 +119,23 @@ pub struct Gateway {
     pub keys: TrustedKeys,
     pub cipher: Arc<FieldCipher>,
     tokens: TokenCache,
+    /// Places read by scans, kept briefly: a venue's place is read on every scan.
+    places: Mutex<HashMap<String, (std::time::Instant, pb::Place)>>,
+}
+
+/// How long a place read from the database serves scans before it is read again (a retired
+/// place code stops scanning within this time).
+const PLACE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The scan record's id, derived from the checking unit and the request id, so that a
+/// retried scan lands on the same record.
+pub fn scan_id(unit: &str, request_id: &str) -> String {
+    let digest = healthcode_crypto::sm3_digest(format!("scan\0{unit}\0{request_id}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 pub struct CodeRequest<'a> {
@@ -157,6 +165,7 @@ impl Gateway {
             keys,
             cipher,
             tokens: TokenCache::default(),
+            places: Mutex::new(HashMap::new()),
         }
     }
 
@@ -261,12 +270,27 @@ impl Gateway {
     }
 
     pub async fn place(&self, code: &str) -> Result<pb::Place, ServiceError> {
+        if let Some((at, place)) = self
+            .places
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(code)
+            && at.elapsed() < PLACE_TTL
+        {
+            return Ok(place.clone());
+        }
         let row = place::Entity::find_by_id(code.to_owned())
             .one(&self.db)
             .await
             .map_err(db_error)?
             .ok_or_else(|| ServiceError::NotFound(format!("no place {code}")))?;
-        pb::Place::decode(&row.payload[..]).map_err(ServiceError::internal)
+        let place = pb::Place::decode(&row.payload[..]).map_err(ServiceError::internal)?;
+        let mut places = self.places.lock().unwrap_or_else(|p| p.into_inner());
+        if places.len() >= 100_000 {
+            places.clear();
+        }
+        places.insert(code.to_owned(), (std::time::Instant::now(), place.clone()));
+        Ok(place)
     }
 
     pub async fn reply<M: Message + Default>(&self, key: &str) -> Result<Option<M>, ServiceError> {
@@ -332,10 +356,6 @@ impl Gateway {
         unit: &str,
         req: &pb::VerifyScanRequest,
     ) -> Result<pb::VerifyScanResponse, ServiceError> {
-        let key = format!("scan:{unit}:{}", req.request_id);
-        if let Some(done) = self.reply(&key).await? {
-            return Ok(done);
-        }
         let place = self.place(&req.place_code).await?;
         if place.checking_unit_code != unit {
             return Err(ServiceError::PermissionDenied(
@@ -361,7 +381,7 @@ impl Gateway {
             };
         let (holder, color) = self.holder_and_color(&verified.person_id).await?;
         let entry_allowed = admitted(place.admits_up_to, color.color);
-        let scan_id = uuid::Uuid::now_v7().to_string();
+        let scan_id = scan_id(unit, &req.request_id);
         let record = pb::CheckRecord {
             scan_id: scan_id.clone(),
             kind: pb::CheckKind::VenueScan as i32,
@@ -373,16 +393,40 @@ impl Gateway {
             color: color.color,
             entry_allowed,
         };
-        let answer = pb::VerifyScanResponse {
-            result: pb::ScanResult::Valid as i32,
-            color: color.color,
-            holder: Some(masked(&holder)),
-            entry_allowed,
-            scan_id,
-            scanned_at: Some(ts(now)),
+        // One statement, no transaction: the scan id comes from the request id, so a retry
+        // finds the first record instead of writing a second.
+        let inserted = check_record::Entity::insert(check_record::ActiveModel {
+            scan_id: Set(scan_id.clone()),
+            person_id: Set(verified.person_id.clone()),
+            checked_at: Set(now),
+            payload: Set(record.encode_to_vec()),
+        })
+        .on_conflict(
+            OnConflict::column(check_record::Column::ScanId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await
+        .map_err(db_error)?;
+        let first = if inserted == 0 {
+            check_record::Entity::find_by_id(scan_id.clone())
+                .one(&self.db)
+                .await
+                .map_err(db_error)?
+                .and_then(|row| pb::CheckRecord::decode(&row.payload[..]).ok())
+                .unwrap_or(record)
+        } else {
+            record
         };
-        self.record(&key, vec![(verified.person_id, record)], answer)
-            .await
+        Ok(pb::VerifyScanResponse {
+            result: pb::ScanResult::Valid as i32,
+            color: first.color,
+            holder: Some(masked(&holder)),
+            entry_allowed: first.entry_allowed,
+            scan_id,
+            scanned_at: first.checked_at,
+        })
     }
 
     pub async fn batch_check(

@@ -30,6 +30,12 @@ enum Command {
         /// Port of the identity service (0 picks a free one).
         #[arg(long, env = "IDENTITY_PORT", default_value_t = 50051)]
         identity_port: u16,
+        /// Port of the risk service (0 picks a free one).
+        #[arg(long, env = "RISK_PORT", default_value_t = 50052)]
+        risk_port: u16,
+        /// Port of the gateway (0 picks a free one).
+        #[arg(long, env = "GATEWAY_PORT", default_value_t = 50050)]
+        gateway_port: u16,
     },
     /// Caller tokens.
     Token {
@@ -38,7 +44,7 @@ enum Command {
     },
     /// Prints fresh secrets for a service's Kubernetes Secret, as KEY=VALUE lines.
     Keys {
-        /// The service (only `identity` so far).
+        /// The service: `identity` or `gateway` (risk holds no secret of its own).
         service: String,
     },
 }
@@ -50,7 +56,8 @@ enum TokenCommand {
     Mint {
         #[arg(long)]
         subject: String,
-        /// Comma-separated roles: app, official, reviewer, full_view, venue.
+        /// Comma-separated roles: app, official, reviewer, full_view, venue, internal,
+        /// policy_admin, approver, auditor, hotline, batch_checker.
         #[arg(long, value_delimiter = ',')]
         roles: Vec<String>,
         #[arg(long, default_value_t = 24)]
@@ -100,17 +107,27 @@ fn write_secret_file(path: &Path, entries: &BTreeMap<String, String>) -> anyhow:
 /// stays readable across restarts.
 fn dev_secrets(data_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     let path = data_dir.join(SECRETS_FILE);
-    if path.exists() {
-        return read_env_file(&path);
+    let mut entries = if path.exists() {
+        read_env_file(&path)?
+    } else {
+        std::fs::create_dir_all(data_dir)?;
+        let mut entries: BTreeMap<String, String> = identity::config::generate_dev_secrets()?
+            .into_iter()
+            .collect();
+        let issuer = SigningKey::generate("dev-issuer")?;
+        entries.insert("ISSUER_SIGNING_KEY".into(), issuer.secret_hex());
+        entries.insert("ISSUER_KEY_ID".into(), issuer.key_id().to_owned());
+        entries
+    };
+    // A data directory from before the gateway existed gains its secrets once.
+    if !entries.contains_key("GATEWAY_SIGNING_KEY") {
+        for (k, v) in gateway::config::generate_dev_secrets()? {
+            entries.insert(format!("GATEWAY_{k}"), v);
+        }
+        write_secret_file(&path, &entries)?;
+    } else if !path.exists() {
+        write_secret_file(&path, &entries)?;
     }
-    std::fs::create_dir_all(data_dir)?;
-    let mut entries: BTreeMap<String, String> = identity::config::generate_dev_secrets()?
-        .into_iter()
-        .collect();
-    let issuer = SigningKey::generate("dev-issuer")?;
-    entries.insert("ISSUER_SIGNING_KEY".into(), issuer.secret_hex());
-    entries.insert("ISSUER_KEY_ID".into(), issuer.key_id().to_owned());
-    write_secret_file(&path, &entries)?;
     Ok(entries)
 }
 
@@ -128,36 +145,61 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-async fn up(data_dir: PathBuf, host: String, identity_port: u16) -> anyhow::Result<()> {
-    let secrets = dev_secrets(&data_dir)?;
-    let issuer = issuer_from(&secrets)?;
+/// The environment every service of `up` shares: the process's own, the development
+/// secrets where the process sets none, the development issuer, the province.
+fn shared_env(secrets: &BTreeMap<String, String>, issuer: &TokenIssuer) -> Env {
     let process = Env::from_process();
     let mut env = process.clone();
-    for (k, v) in &secrets {
-        if process.raw(k).is_none() {
+    for (k, v) in secrets {
+        if process.raw(k).is_none() && !k.starts_with("GATEWAY_") {
             env = env.with(k.clone(), v.clone());
         }
     }
-    env = env
-        .with("PROVIDERS", "local")
-        .with("LISTEN_ADDR", format!("{host}:{identity_port}"))
-        .with(
-            "AUTH_ISSUER_KEYS",
-            match process.raw("AUTH_ISSUER_KEYS") {
-                Some(extra) => format!("{},{extra}", issuer.trusted_spec()),
-                None => issuer.trusted_spec(),
-            },
-        );
-    if process.raw("DATABASE_URL").is_none() {
-        let file = data_dir.join("identity.db");
+    if process.raw("PROVINCE_CODE").is_none() {
+        env = env.with("PROVINCE_CODE", "330000");
+    }
+    env.with(
+        "AUTH_ISSUER_KEYS",
+        match process.raw("AUTH_ISSUER_KEYS") {
+            Some(extra) => format!("{},{extra}", issuer.trusted_spec()),
+            None => issuer.trusted_spec(),
+        },
+    )
+}
+
+/// One service's environment: its address, and its own SQLite file (or schema).
+fn service_env(base: &Env, data_dir: &Path, name: &str, addr: String) -> Env {
+    let mut env = base.clone().with("LISTEN_ADDR", addr);
+    if Env::from_process().raw("DATABASE_URL").is_none() {
+        let file = data_dir.join(format!("{name}.db"));
         env = env.with(
             "DATABASE_URL",
             format!("sqlite://{}?mode=rwc", file.display()),
         );
-    } else if process.raw("DATABASE_SCHEMA").is_none() {
-        env = env.with("DATABASE_SCHEMA", "identity");
+    } else if Env::from_process().raw("DATABASE_SCHEMA").is_none() {
+        env = env.with("DATABASE_SCHEMA", name);
     }
-    let config = identity::config::IdentityConfig::from_env(&env)
+    env
+}
+
+struct Ports {
+    identity: u16,
+    risk: u16,
+    gateway: u16,
+}
+
+async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()> {
+    let secrets = dev_secrets(&data_dir)?;
+    let issuer = issuer_from(&secrets)?;
+    let base = shared_env(&secrets, &issuer);
+    let identity_env = service_env(
+        &base,
+        &data_dir,
+        "identity",
+        format!("{host}:{}", ports.identity),
+    )
+    .with("PROVIDERS", "local");
+    let config = identity::config::IdentityConfig::from_env(&identity_env)
         .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
     let _telemetry = healthcode_telemetry::init(&config.telemetry)?;
     let storage = if config.db.is_sqlite() {
@@ -175,22 +217,63 @@ async fn up(data_dir: PathBuf, host: String, identity_port: u16) -> anyhow::Resu
     let identity = identity::Application::build(config, providers)
         .await
         .context("starting identity")?;
+
+    // Risk and the gateway share one cache and one event bus: Redis when REDIS_URL is set,
+    // otherwise one in-process instance of each.
+    let risk_env = service_env(&base, &data_dir, "risk", format!("{host}:{}", ports.risk));
+    let risk_config = risk::config::RiskConfig::from_env(&risk_env)
+        .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
+    let backends =
+        healthcode_events::Backends::connect(risk_config.redis.as_ref(), &risk_config.cache_prefix)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("connecting the cache and the event bus")?;
+    let risk = risk::Application::build(risk_config, backends.clone())
+        .await
+        .context("starting risk")?;
+
+    let mut gateway_env = service_env(
+        &base,
+        &data_dir,
+        "gateway",
+        format!("{host}:{}", ports.gateway),
+    )
+    .with("RISK_URL", format!("http://{}", risk.local_addr()))
+    .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
+    .with(
+        "SERVICE_TOKEN",
+        issuer.mint("gateway", &[roles::INTERNAL], now(), 30 * 24 * 3600)?,
+    );
+    for (k, v) in &secrets {
+        if let Some(name) = k.strip_prefix("GATEWAY_") {
+            gateway_env = gateway_env.with(name.to_owned(), v.clone());
+        }
+    }
+    let gateway_config = gateway::config::GatewayConfig::from_env(&gateway_env)
+        .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
+    let gateway = gateway::Application::build(gateway_config, backends)
+        .await
+        .context("starting the gateway")?;
     let token = issuer.mint("healthcode-up", roles::ALL, now(), 24 * 3600)?;
 
     println!(
         "health code mesh is up ({storage}, {cache} cache; data in {})",
         data_dir.display()
     );
+    println!("  gateway   {}", gateway.local_addr());
     println!("  identity  {}", identity.local_addr());
+    println!("  risk      {}", risk.local_addr());
     println!();
     println!("development caller token (all roles, 24 h):");
     println!("  {token}");
     println!();
     println!("try:");
-    println!("  grpcurl -plaintext {} list", identity.local_addr());
+    println!("  grpcurl -plaintext {} list", gateway.local_addr());
     println!("press Ctrl-C to stop");
 
     healthcode_server::shutdown_signal().await;
+    gateway.shutdown().await;
+    risk.shutdown().await;
     identity.shutdown().await;
     println!("stopped");
     Ok(())
@@ -203,9 +286,16 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             host,
             identity_port,
+            risk_port,
+            gateway_port,
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(up(data_dir, host, identity_port))
+            let ports = Ports {
+                identity: identity_port,
+                risk: risk_port,
+                gateway: gateway_port,
+            };
+            runtime.block_on(up(data_dir, host, ports))
         }
         Command::Token { command } => match command {
             TokenCommand::Mint {
@@ -249,10 +339,12 @@ fn main() -> anyhow::Result<()> {
             }
         },
         Command::Keys { service } => {
-            if service != "identity" {
-                bail!("unknown service `{service}`; known: identity");
-            }
-            for (k, v) in identity::config::generate_dev_secrets()? {
+            let secrets = match service.as_str() {
+                "identity" => identity::config::generate_dev_secrets()?,
+                "gateway" => gateway::config::generate_dev_secrets()?,
+                _ => bail!("unknown service `{service}`; known: identity, gateway"),
+            };
+            for (k, v) in secrets {
                 println!("{k}={v}");
             }
             Ok(())

@@ -14,7 +14,16 @@ use std::time::{Duration, Instant};
 async fn up_serves_on_the_embedded_default_and_stops_on_sigterm() {
     let data_dir = std::env::temp_dir().join(format!("hc-up-{}", uuid::Uuid::new_v4().simple()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_healthcode"))
-        .args(["up", "--identity-port", "0", "--data-dir"])
+        .args([
+            "up",
+            "--identity-port",
+            "0",
+            "--risk-port",
+            "0",
+            "--gateway-port",
+            "0",
+            "--data-dir",
+        ])
         .arg(&data_dir)
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
@@ -34,6 +43,7 @@ async fn up_serves_on_the_embedded_default_and_stops_on_sigterm() {
     });
 
     let mut addr = None;
+    let mut gateway_addr = None;
     let mut token = None;
     let mut previous = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -44,6 +54,9 @@ async fn up_serves_on_the_embedded_default_and_stops_on_sigterm() {
         if let Some(rest) = line.trim().strip_prefix("identity") {
             addr = Some(rest.trim().to_owned());
         }
+        if let Some(rest) = line.trim().strip_prefix("gateway") {
+            gateway_addr = Some(rest.trim().to_owned());
+        }
         if previous.starts_with("development caller token") {
             token = Some(line.trim().to_owned());
         }
@@ -53,6 +66,20 @@ async fn up_serves_on_the_embedded_default_and_stops_on_sigterm() {
         addr.expect("address printed"),
         token.expect("token printed"),
     );
+
+    let mut gateway =
+        healthcode_proto::gateway::v1::gateway_service_client::GatewayServiceClient::connect(
+            format!("http://{}", gateway_addr.expect("gateway address printed")),
+        )
+        .await
+        .expect("connect the gateway");
+    let gateway_keys = gateway
+        .get_public_keys(GetPublicKeysRequest {})
+        .await
+        .expect("gateway answers")
+        .into_inner()
+        .keys;
+    assert_eq!(gateway_keys[0].algorithm, "SM2");
 
     let mut client = IdentityServiceClient::connect(format!("http://{addr}"))
         .await

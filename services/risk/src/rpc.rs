@@ -6,6 +6,7 @@ use crate::domain::time::{Time, from_proto};
 use crate::ops::Page;
 use crate::service::{Actor, Risk};
 use healthcode_auth::{Caller, TokenVerifier, require_any, roles};
+use healthcode_errors::fields::{self, request_id, text};
 use healthcode_errors::{ServiceError, Violations};
 use healthcode_proto::common::v1::{
     CodeColor, ItemError, NucleicAcidResult, PageRequest, PersonRef,
@@ -53,44 +54,13 @@ fn st(err: ServiceError) -> Status {
 // Field checks
 
 pub fn person_id(v: &mut Violations, field: &str, person: &Option<PersonRef>) -> String {
-    match person {
-        None => {
-            v.add(field, "required");
-            String::new()
-        }
-        Some(p) => match uuid::Uuid::parse_str(&p.person_id) {
-            Ok(id) if id.hyphenated().to_string() == p.person_id => p.person_id.clone(),
-            _ => {
-                v.add(
-                    format!("{field}.person_id"),
-                    "must be a UUID in canonical form",
-                );
-                String::new()
-            }
-        },
-    }
+    fields::person_id(v, field, person.as_ref().map(|p| p.person_id.as_str()))
 }
 
-pub fn request_id(v: &mut Violations, value: &str) {
-    if value.is_empty()
-        || value.len() > 128
-        || value.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
-        v.add(
-            "request_id",
-            "required: 1 to 128 printable characters (a UUID)",
-        );
-    }
-}
-
-pub fn text(v: &mut Violations, field: &str, value: &str, max: usize, required: bool) {
-    if required && value.trim().is_empty() {
-        v.add(field, "required");
-    } else if value.chars().count() > max {
-        v.add(field, format!("at most {max} characters"));
-    } else if value.chars().any(|c| c.is_control() && c != '\n') {
-        v.add(field, "control characters are not allowed");
-    }
+pub fn page(v: &mut Violations, page: &Option<PageRequest>) -> Page {
+    let page = page.clone().unwrap_or_default();
+    let (offset, limit) = fields::page(v, page.page_size, &page.page_token);
+    Page { offset, limit }
 }
 
 pub fn time(v: &mut Violations, field: &str, t: &Option<prost_types::Timestamp>) -> Option<Time> {
@@ -111,30 +81,6 @@ fn required_time(
         v.add(field, "required");
     }
     time(v, field, t)
-}
-
-pub fn page(v: &mut Violations, page: &Option<PageRequest>) -> Page {
-    let page = page.clone().unwrap_or_default();
-    let limit = match page.page_size {
-        0 => 50,
-        n if n > 500 => {
-            v.add("page.page_size", "must be at most 500");
-            50
-        }
-        n => n as u64,
-    };
-    let offset = if page.page_token.is_empty() {
-        0
-    } else {
-        match page.page_token.parse::<u64>() {
-            Ok(o) => o,
-            Err(_) => {
-                v.add("page.page_token", "is not a token this service issued");
-                0
-            }
-        }
-    };
-    Page { offset, limit }
 }
 
 fn color(v: &mut Violations, field: &str, value: i32, allow_unspecified: bool) -> CodeColor {

@@ -9,6 +9,7 @@ use crate::policies::PolicyBook;
 use crate::store::entities::*;
 use crate::store::{self, Store, lock_key, reply_get, reply_put};
 use healthcode_cache::{COLOR_TTL, SharedCache, color_key};
+pub use healthcode_db::db_error;
 use healthcode_errors::ServiceError;
 use healthcode_events::Relay;
 use healthcode_events::outbox;
@@ -22,16 +23,6 @@ use std::sync::Arc;
 
 /// The topic color changes are published on (the gateway and the exchange consume it).
 pub const COLOR_TOPIC: &str = "risk.color_changed";
-
-pub fn db_error(err: DbErr) -> ServiceError {
-    match err {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
-            tracing::warn!(error = %err, "database unavailable");
-            ServiceError::Unavailable("the database is unavailable; retry later".into())
-        }
-        other => ServiceError::internal(other),
-    }
-}
 
 /// Who is acting, for the audit trail.
 #[derive(Debug, Clone)]

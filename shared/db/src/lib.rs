@@ -126,6 +126,20 @@ pub fn is_unique_violation(err: &DbErr) -> bool {
     )
 }
 
+/// The status a database failure becomes: UNAVAILABLE (retry) when the database is away or
+/// the pool saturated, otherwise a bare INTERNAL whose detail is only logged.
+pub fn db_error(err: DbErr) -> healthcode_errors::ServiceError {
+    match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
+            tracing::warn!(error = %err, "database unavailable");
+            healthcode_errors::ServiceError::Unavailable(
+                "the database is unavailable; retry later".into(),
+            )
+        }
+        other => healthcode_errors::ServiceError::internal(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,8 @@
 //! caller (never personal data), and unexpected ones are logged here and reach the caller
 //! only as a bare `INTERNAL`, so that database or provider details never leak.
 
+pub mod fields;
+
 use std::fmt::Display;
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use healthcode_cache::RedisSettings;
 use healthcode_events::outbox::{self, migration::CreateOutbox};
 use healthcode_events::{
-    Consumer, ConsumerSettings, Event, EventBus, Handler, HandlerError, MemoryBus, RedisBus, Relay,
+    Consumer, ConsumerSettings, Event, Handler, HandlerError, MemoryBus, RedisBus, Relay,
     RelaySettings, SharedBus,
 };
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, TransactionTrait};

@@ -11,5 +11,6 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod baselines;
+pub mod gateway;
 pub mod load;
 pub mod report;

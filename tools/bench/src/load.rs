@@ -476,7 +476,6 @@ mod tests {
         .await;
         assert_eq!(stats.requests, 200, "{stats:?}");
         assert_eq!(stats.errors, 0, "{stats:?}");
-        assert!((150.0..=201.0).contains(&stats.per_second), "{stats:?}");
         assert!(stats.p50 >= Duration::from_millis(1), "{stats:?}");
         assert_ordered(&stats);
     }

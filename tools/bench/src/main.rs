@@ -32,6 +32,27 @@ enum Scenario {
     /// gRPC echo, Redis GET and MGET, SM2 verify and sign on this machine: the ceilings that
     /// every service's numbers are read against.
     Baselines(BaselineArgs),
+    /// The gateway's show my code, verify a scan, batch check and p99 at half load, against
+    /// the whole mesh on PostgreSQL and Redis, with the baselines measured in the same run.
+    Gateway(GatewayArgs),
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    #[command(flatten)]
+    run: RunOptions,
+    /// Redis for the mesh and the baselines.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Verified persons whose codes are shown and scanned.
+    #[arg(long, default_value_t = 64)]
+    persons: u32,
+    /// Persons per batch check.
+    #[arg(long, default_value_t = 10_000)]
+    batch: usize,
+    /// HTTP/2 connections from the load generator.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
 }
 
 /// Options every scenario takes.
@@ -85,6 +106,7 @@ struct BaselineArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Baselines(args) => run_baselines(args).await,
+        Scenario::Gateway(args) => run_gateway(args).await,
     }
 }
 
@@ -148,6 +170,39 @@ async fn run_baselines(args: BaselineArgs) -> anyhow::Result<()> {
     publish(&run.out, &Markers::baselines(), "Baselines", &info, &rows)
 }
 
+async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let info = RunInfo::collect();
+    let run = &args.run;
+    let results = hc_bench::gateway::run(hc_bench::gateway::GatewayRun {
+        concurrency: run.concurrency,
+        warmup: run.warmup(),
+        duration: run.duration(),
+        persons: args.persons.max(1),
+        batch: args.batch.clamp(1, 10_000),
+        connections: args.connections.max(1),
+        redis_url: args.redis_url.clone(),
+        threads: info.cpus.max(1),
+    })
+    .await?;
+    let mut block = report::render_block("Gateway", &info, &results.rows);
+    block.push_str("\n| target | measured ratio | required | figures |\n|---|---|---|---|\n");
+    for (name, ratio, required, figures) in &results.targets {
+        let met = if name.contains("≤") {
+            ratio <= required
+        } else {
+            ratio >= required
+        };
+        block.push_str(&format!(
+            "| {name} | {ratio:.2} {} | {required} | {figures} |\n",
+            if met { "(met)" } else { "(missed)" }
+        ));
+    }
+    println!("{block}");
+    report::write_block(&run.out, &Markers::named("gateway"), &block)
+        .with_context(|| format!("writing {}", run.out.display()))?;
+    Ok(())
+}
+
 /// One connection first (what a single client gets), then `connections` if more than one
 /// (what spreading over connections buys).
 fn echo_connection_counts(connections: usize) -> Vec<usize> {
@@ -187,7 +242,9 @@ mod tests {
     #[test]
     fn baselines_defaults_match_the_documented_command() {
         let cli = Cli::try_parse_from(["hc-bench", "baselines"]).expect("parse");
-        let Scenario::Baselines(args) = cli.scenario;
+        let Scenario::Baselines(args) = cli.scenario else {
+            panic!("baselines parsed as another scenario");
+        };
         assert_eq!(args.run.duration(), Duration::from_secs(10));
         assert_eq!(args.run.concurrency, 64);
         assert_eq!(args.run.out, PathBuf::from("BENCHMARKS.md"));

@@ -1,0 +1,110 @@
+//! Checks every request of every service makes the same way, each adding a field violation
+//! rather than failing at the first.
+
+use crate::Violations;
+
+/// A person id: a UUID in canonical (lower-case, hyphenated) form. Returns it, or an empty
+/// string after adding a violation at `<field>.person_id`.
+pub fn person_id(v: &mut Violations, field: &str, person_id: Option<&str>) -> String {
+    match person_id {
+        None => {
+            v.add(field, "required");
+            String::new()
+        }
+        Some(id) => match uuid::Uuid::parse_str(id) {
+            Ok(parsed) if parsed.hyphenated().to_string() == id => id.to_owned(),
+            _ => {
+                v.add(
+                    format!("{field}.person_id"),
+                    "must be a UUID in canonical form",
+                );
+                String::new()
+            }
+        },
+    }
+}
+
+/// The idempotency key of a retry-safe call.
+pub fn request_id(v: &mut Violations, value: &str) {
+    if value.is_empty()
+        || value.len() > 128
+        || value.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        v.add(
+            "request_id",
+            "required: 1 to 128 printable characters (a UUID)",
+        );
+    }
+}
+
+/// Free text: at most `max` characters, no control characters (a newline is allowed).
+pub fn text(v: &mut Violations, field: &str, value: &str, max: usize, required: bool) {
+    if required && value.trim().is_empty() {
+        v.add(field, "required");
+    } else if value.chars().count() > max {
+        v.add(field, format!("at most {max} characters"));
+    } else if value.chars().any(|c| c.is_control() && c != '\n') {
+        v.add(field, "control characters are not allowed");
+    }
+}
+
+/// Page size (0 = 50, at most 500) and an offset token this service issued.
+pub fn page(v: &mut Violations, page_size: u32, page_token: &str) -> (u64, u64) {
+    let limit = match page_size {
+        0 => 50,
+        n if n > 500 => {
+            v.add("page.page_size", "must be at most 500");
+            50
+        }
+        n => u64::from(n),
+    };
+    let offset = if page_token.is_empty() {
+        0
+    } else {
+        v.check(
+            "page.page_token",
+            page_token
+                .parse::<u64>()
+                .map_err(|_| "is not a token this service issued"),
+        )
+        .unwrap_or(0)
+    };
+    (offset, limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let mut v = Violations::new();
+        assert_eq!(person_id(&mut v, "person", None), "");
+        person_id(
+            &mut v,
+            "guardian",
+            Some("6F9619FF-8B86-D011-B42D-00C04FC964FF"),
+        );
+        request_id(&mut v, "has space");
+        text(&mut v, "reason", "", 10, true);
+        text(&mut v, "note", "x\u{7}", 10, false);
+        page(&mut v, 501, "abc");
+        let err = format!("{:?}", v.finish().unwrap_err());
+        for field in [
+            "person",
+            "guardian.person_id",
+            "request_id",
+            "reason",
+            "note",
+            "page.page_size",
+            "page.page_token",
+        ] {
+            assert!(err.contains(field), "{field} in {err}");
+        }
+        let mut v = Violations::new();
+        let id = "6f9619ff-8b86-d011-b42d-00c04fc964ff";
+        assert_eq!(person_id(&mut v, "person", Some(id)), id);
+        assert_eq!(page(&mut v, 0, "100"), (100, 50));
+        assert!(v.is_empty());
+    }
+}

@@ -111,7 +111,12 @@ impl Mesh {
         let backends = Backends::connect(settings.as_ref(), &prefix)
             .await
             .expect("backends");
-        let risk_env = base(databases[1].clone()).with("SWEEP_INTERVAL_MS", "500");
+        let mut risk_env = base(databases[1].clone())
+            .with("SWEEP_INTERVAL_MS", "500")
+            .with("CONSUMER_NAME", "risk-test");
+        for (k, v) in risk::config::generate_dev_secrets().expect("secrets") {
+            risk_env = risk_env.with(k, v);
+        }
         let risk = risk::Application::build(
             risk::config::RiskConfig::from_env(&risk_env).expect("risk config"),
             backends.clone(),

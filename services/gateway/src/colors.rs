@@ -83,6 +83,40 @@ impl Breaker {
     }
 }
 
+/// Many keys in order, in MGET round trips of 1,000 keys run concurrently, each value
+/// decoded by `decode`. A miss, an undecodable value, a failed round trip or an open breaker
+/// leaves `None`: the caller loads those from the service that owns them.
+pub async fn cached_many<T>(
+    cache: &SharedCache,
+    breaker: &Breaker,
+    keys: Vec<String>,
+    decode: impl Fn(&[u8]) -> Option<T>,
+) -> Vec<Option<T>> {
+    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
+    if !breaker.allows() {
+        return out;
+    }
+    let reads = keys
+        .chunks(1000)
+        .map(|chunk| cache.get_versioned_many(chunk));
+    let results = futures::future::join_all(reads).await;
+    for (slots, result) in out.chunks_mut(1000).zip(results) {
+        match result {
+            Ok(values) => {
+                breaker.success();
+                for (slot, value) in slots.iter_mut().zip(values) {
+                    *slot = value.and_then(|v| decode(&v.data));
+                }
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "cache batch read failed");
+                breaker.failure();
+            }
+        }
+    }
+    out
+}
+
 /// How long a finished load keeps answering later misses of the same key.
 const SETTLED_FOR: Duration = Duration::from_millis(500);
 
@@ -217,34 +251,15 @@ impl ColorReader {
     /// concurrently), the misses from the risk service in batches of 1,000.
     pub async fn get_many(&self, person_ids: &[String]) -> Vec<Result<PersonColor, ColorError>> {
         let now = chrono::Utc::now().timestamp();
-        let mut out: Vec<Option<Result<PersonColor, ColorError>>> = vec![None; person_ids.len()];
-        if self.breaker.allows() {
-            let chunks = person_ids.chunks(1000).map(|chunk| {
-                let keys: Vec<String> = chunk.iter().map(|id| color_key(id)).collect();
-                let cache = self.cache.clone();
-                async move { cache.get_versioned_many(&keys).await }
-            });
-            let results = futures::future::join_all(chunks).await;
-            for (chunk_index, result) in results.into_iter().enumerate() {
-                match result {
-                    Ok(values) => {
-                        self.breaker.success();
-                        for (i, value) in values.into_iter().enumerate() {
-                            if let Some(color) = value
-                                .and_then(|v| decode(&v.data))
-                                .and_then(|c| current(c, now))
-                            {
-                                out[chunk_index * 1000 + i] = Some(Ok(color));
-                            }
-                        }
-                    }
-                    Err(err) => {
-                        tracing::debug!(error = %err, "color cache batch read failed");
-                        self.breaker.failure();
-                    }
-                }
-            }
-        }
+        let keys = person_ids.iter().map(|id| color_key(id)).collect();
+        let mut out: Vec<Option<Result<PersonColor, ColorError>>> =
+            cached_many(&self.cache, &self.breaker, keys, |data| {
+                decode(data).and_then(|c| current(c, now))
+            })
+            .await
+            .into_iter()
+            .map(|hit| hit.map(Ok))
+            .collect();
         let missing: Vec<usize> = (0..person_ids.len())
             .filter(|i| out[*i].is_none())
             .collect();

@@ -1,7 +1,7 @@
 //! Who holds a code: the masked view from the identity service, cached briefly. Only the
 //! masked view is ever cached: first character of the name, ends of the document number.
 
-use crate::colors::Breaker;
+use crate::colors::{Breaker, cached_many};
 use crate::upstream::Upstreams;
 use futures::StreamExt;
 use healthcode_cache::SharedCache;
@@ -96,26 +96,15 @@ impl HolderReader {
 
     /// Many holders in order: one MGET per 1,000, then identity for the misses, 16 at once.
     pub async fn get_many(&self, person_ids: &[String]) -> Vec<Result<MaskedPerson, HolderError>> {
-        let mut out: Vec<Option<Result<MaskedPerson, HolderError>>> = vec![None; person_ids.len()];
-        let use_cache = self.breaker.allows();
-        let chunks = person_ids.chunks(1000).filter(|_| use_cache).map(|chunk| {
-            let keys: Vec<String> = chunk.iter().map(|id| holder_key(id)).collect();
-            let cache = self.cache.clone();
-            async move { cache.get_versioned_many(&keys).await }
-        });
-        for (c, result) in futures::future::join_all(chunks)
+        let keys = person_ids.iter().map(|id| holder_key(id)).collect();
+        let mut out: Vec<Option<Result<MaskedPerson, HolderError>>> =
+            cached_many(&self.cache, &self.breaker, keys, |data| {
+                MaskedPerson::decode(data).ok()
+            })
             .await
             .into_iter()
-            .enumerate()
-        {
-            if let Ok(values) = result {
-                for (i, v) in values.into_iter().enumerate() {
-                    if let Some(found) = v.and_then(|v| MaskedPerson::decode(&v.data[..]).ok()) {
-                        out[c * 1000 + i] = Some(Ok(found));
-                    }
-                }
-            }
-        }
+            .map(|hit| hit.map(Ok))
+            .collect();
         let missing: Vec<usize> = (0..person_ids.len())
             .filter(|i| out[*i].is_none())
             .collect();

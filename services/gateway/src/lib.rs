@@ -2,6 +2,7 @@
 //! code, verifies scans, answers batch checks, keeps places and check records, and issues
 //! offline codes. Colors come from the color cache, or from the risk service behind a
 //! single-flight load and a bounded fallback; an unknown color is an error, never green.
+//! Venue scans and check-ins go to the risk service's itinerary through the outbox.
 
 pub mod colors;
 pub mod config;
@@ -23,7 +24,8 @@ use healthcode_auth::TokenVerifier;
 use healthcode_cache::{COLOR_TTL, SharedCache, color_key};
 use healthcode_codes::CodeSigner;
 use healthcode_events::{
-    Backends, Consumer, ConsumerHandle, ConsumerSettings, Event, Handler, HandlerError,
+    Backends, Consumer, ConsumerHandle, ConsumerSettings, Event, Handler, HandlerError, Relay,
+    RelayHandle, RelaySettings,
 };
 use healthcode_proto::gateway::v1::gateway_service_server::{GatewayServiceServer, SERVICE_NAME};
 use healthcode_proto::risk::v1::PersonColor;
@@ -36,6 +38,10 @@ use std::sync::Arc;
 /// The stream risk publishes color changes on.
 pub const COLOR_TOPIC: &str = "risk.color_changed";
 pub const CACHE_GROUP: &str = "gateway-color-cache";
+/// The stream this gateway publishes place visits on (venue scans and check-ins): each a
+/// `healthcode.risk.v1.RiskEvent` with an `area_stay`, keyed by person id, whose
+/// `event_id` is the check record's scan id.
+pub const PLACE_VISIT_TOPIC: &str = "gateway.place_visit";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -84,6 +90,7 @@ pub struct Application {
     db: DatabaseConnection,
     gateway: Arc<Gateway>,
     consumer: ConsumerHandle,
+    relay: RelayHandle,
 }
 
 impl Application {
@@ -97,6 +104,7 @@ impl Application {
         )?;
         let cipher = Arc::new(config.code_cipher);
         let breaker = Arc::new(colors::Breaker::new(3, std::time::Duration::from_secs(2)));
+        let relay = Relay::new(db.clone(), backends.bus.clone(), RelaySettings::default());
         let mut keys = config.retired_keys;
         keys.insert(config.signing_key.verifying_key());
         let signer = CodeSigner::new(
@@ -117,6 +125,7 @@ impl Application {
             signer,
             keys,
             cipher,
+            relay.clone(),
         ));
         let rpc = GatewayRpc::new(gateway.clone(), TokenVerifier::new(config.issuer_keys));
         let routes = tonic::service::Routes::new(
@@ -142,6 +151,7 @@ impl Application {
             db,
             gateway,
             consumer,
+            relay: relay.spawn(),
         })
     }
 
@@ -157,9 +167,11 @@ impl Application {
         &self.gateway
     }
 
+    /// Drains requests, stops consuming, relays what committed, closes the pool.
     pub async fn shutdown(self) {
         self.server.shutdown().await;
         self.consumer.shutdown().await;
+        self.relay.shutdown().await;
         if let Err(err) = self.db.close().await {
             tracing::warn!(error = %err, "closing the database pool");
         }

@@ -1,8 +1,7 @@
 //! The gRPC face of the gateway: authentication, roles, validation, then `service`.
 
 use crate::display::{Lang, color_name};
-use crate::service::{CodeRequest, Gateway, admitted, db_error, masked};
-use crate::store::entities::*;
+use crate::service::{CheckIn, CodeRequest, Gateway, PlaceScope};
 use healthcode_auth::{Caller, TokenVerifier, require_any, roles};
 use healthcode_codes::{issue_offline, sign_place, verify_offline, verify_place};
 use healthcode_crypto::VerifyingKey;
@@ -14,8 +13,6 @@ use healthcode_proto::common::v1::{
 use healthcode_proto::gateway::v1 as pb;
 use healthcode_proto::risk::v1::ListColorHistoryRequest;
 use pb::gateway_service_server::GatewayService;
-use prost::Message;
-use sea_orm::{EntityTrait, Set};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -68,10 +65,25 @@ fn guardian(v: &mut Violations, g: &Option<PersonRef>) -> Option<String> {
     g.as_ref().map(|_| person_id(v, "guardian", g))
 }
 
-fn not_built(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not built yet in this release (see the README, \"What is not built yet\")"
-    ))
+fn lang(locale: &Option<healthcode_proto::common::v1::Locale>) -> Lang {
+    Lang::from_tag(locale.as_ref().map(|l| l.tag.as_str()).unwrap_or(""))
+}
+
+/// A GB/T 2260 county-level division code.
+fn division_code(v: &mut Violations, field: &str, value: &str) {
+    if value.len() != 6 || !value.chars().all(|c| c.is_ascii_digit()) {
+        v.add(field, "a GB/T 2260 county code: six digits");
+    }
+}
+
+/// The places a caller acts on: a venue (even one that is also an official) those of the
+/// checking unit its token names, an official any.
+fn place_scope(caller: &Caller) -> PlaceScope<'_> {
+    if caller.has(roles::OFFICIAL) && !caller.has(roles::VENUE) {
+        PlaceScope::Any
+    } else {
+        PlaceScope::Unit(&caller.subject)
+    }
 }
 
 fn new_place_code() -> String {
@@ -103,13 +115,12 @@ impl GatewayService for GatewayRpc {
         let person = person_id(&mut v, "person", &req.person);
         let guardian = guardian(&mut v, &req.guardian);
         v.finish().map_err(st)?;
-        let lang = Lang::from_tag(req.locale.as_ref().map(|l| l.tag.as_str()).unwrap_or(""));
         let code = self
             .gateway
             .show_code(CodeRequest {
                 person_id: &person,
                 guardian_id: guardian.as_deref(),
-                lang,
+                lang: lang(&req.locale),
                 care_mode: req.care_mode,
                 include_svg: req.include_qr_svg,
             })
@@ -182,21 +193,11 @@ impl GatewayService for GatewayRpc {
             issuing_province: self.gateway.signer.province().to_owned(),
             sealed_person: sealed,
         };
-        let code = issue_offline(self.gateway.signer.signing_key(), claims.clone())
+        let code = issue_offline(self.gateway.signer.signing_key(), claims)
             .map_err(|e| st(ServiceError::internal(e.to_string())))?;
-        credential::Entity::insert(credential::ActiveModel {
-            credential_id: Set(claims.credential_id.clone()),
-            person_id: Set(person.clone()),
-            color_version: Set(shown.color_version as i64),
-            expires_at: Set(expires),
-            revoked: Set(false),
-        })
-        .exec_without_returning(&self.gateway.db)
-        .await
-        .map_err(|e| st(db_error(e)))?;
         let code = self
             .gateway
-            .record(&key, Vec::new(), code)
+            .store_offline_code(&key, &person, code, expires)
             .await
             .map_err(st)?;
         Ok(Response::new(code))
@@ -207,8 +208,26 @@ impl GatewayService for GatewayRpc {
         request: Request<pb::RevokeOfflineCodeRequest>,
     ) -> Result<Response<pb::RevokeOfflineCodeResponse>, Status> {
         self.caller(&request, &[roles::APP])?;
-        Err(not_built(
-            "revoking offline codes by hand (a color change revokes them already)",
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        request_id(&mut v, &req.request_id);
+        let person = person_id(&mut v, "person", &req.person);
+        let credential = (!req.credential_id.is_empty()).then_some(req.credential_id.as_str());
+        if let Some(id) = credential
+            && !uuid::Uuid::parse_str(id).is_ok_and(|u| u.hyphenated().to_string() == id)
+        {
+            v.add(
+                "credential_id",
+                "a credential id (UUID) from GetOfflineCode, or empty for every credential",
+            );
+        }
+        v.finish().map_err(st)?;
+        let key = format!("revoke:{person}:{}", req.request_id);
+        Ok(Response::new(
+            self.gateway
+                .revoke_offline_codes(&key, &person, credential)
+                .await
+                .map_err(st)?,
         ))
     }
 
@@ -236,10 +255,11 @@ impl GatewayService for GatewayRpc {
             }
         };
         let claims = verified.claims;
-        let row = credential::Entity::find_by_id(claims.credential_id.clone())
-            .one(&self.gateway.db)
+        let row = self
+            .gateway
+            .offline_credential(&claims.credential_id)
             .await
-            .map_err(|e| st(db_error(e)))?;
+            .map_err(st)?;
         let mut color = claims.color;
         let mut revocation_checked = false;
         if let Some(row) = row {
@@ -315,11 +335,7 @@ impl GatewayService for GatewayRpc {
             100,
             true,
         );
-        if place.division_code.len() != 6
-            || !place.division_code.chars().all(|c| c.is_ascii_digit())
-        {
-            v.add("place.division_code", "a GB/T 2260 county code: six digits");
-        }
+        division_code(&mut v, "place.division_code", &place.division_code);
         if let Some(p) = &place.location
             && (!(-90.0..=90.0).contains(&p.latitude) || !(-180.0..=180.0).contains(&p.longitude))
         {
@@ -331,16 +347,15 @@ impl GatewayService for GatewayRpc {
         if CodeColor::try_from(place.admits_up_to).is_err() {
             v.add("place.admits_up_to", "unknown color");
         }
-        if caller.has(roles::OFFICIAL) && !caller.has(roles::VENUE) {
-            text(
+        match place_scope(&caller) {
+            PlaceScope::Any => text(
                 &mut v,
                 "place.checking_unit_code",
                 &place.checking_unit_code,
                 128,
                 true,
-            );
-        } else {
-            place.checking_unit_code = caller.subject.clone();
+            ),
+            PlaceScope::Unit(own) => place.checking_unit_code = own.to_owned(),
         }
         v.finish().map_err(st)?;
         let key = format!("place:{}:{}", caller.subject, req.request_id);
@@ -361,23 +376,12 @@ impl GatewayService for GatewayRpc {
             },
         )
         .map_err(|e| st(ServiceError::internal(e.to_string())))?;
-        place::Entity::insert(place::ActiveModel {
-            place_code: Set(place.place_code.clone()),
-            checking_unit_code: Set(place.checking_unit_code.clone()),
-            division_code: Set(place.division_code.clone()),
-            active: Set(true),
-            payload: Set(place.encode_to_vec()),
-            registered_at: Set(now),
-        })
-        .exec_without_returning(&self.gateway.db)
-        .await
-        .map_err(|e| st(db_error(e)))?;
-        let place = self
-            .gateway
-            .record(&key, Vec::new(), place)
-            .await
-            .map_err(st)?;
-        Ok(Response::new(place))
+        Ok(Response::new(
+            self.gateway
+                .register_place(&key, place, now)
+                .await
+                .map_err(st)?,
+        ))
     }
 
     async fn get_place(
@@ -417,16 +421,71 @@ impl GatewayService for GatewayRpc {
         &self,
         request: Request<pb::ListPlacesRequest>,
     ) -> Result<Response<pb::ListPlacesResponse>, Status> {
-        self.caller(&request, &[roles::VENUE, roles::OFFICIAL])?;
-        Err(not_built("listing places"))
+        let caller = self.caller(&request, &[roles::VENUE, roles::OFFICIAL])?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        text(
+            &mut v,
+            "checking_unit_code",
+            &req.checking_unit_code,
+            128,
+            false,
+        );
+        if !req.division_code.is_empty() {
+            division_code(&mut v, "division_code", &req.division_code);
+        }
+        let (offset, limit) = page(&mut v, &req.page);
+        v.finish().map_err(st)?;
+        let asked = (!req.checking_unit_code.is_empty()).then_some(req.checking_unit_code.as_str());
+        let unit = match place_scope(&caller) {
+            PlaceScope::Any => asked,
+            PlaceScope::Unit(own) if asked.is_none_or(|u| u == own) => Some(own),
+            PlaceScope::Unit(_) => {
+                return Err(st(ServiceError::PermissionDenied(
+                    "a venue lists only the places of its own checking unit".into(),
+                )));
+            }
+        };
+        let division = (!req.division_code.is_empty()).then_some(req.division_code.as_str());
+        let (places, more) = self
+            .gateway
+            .list_places(unit, division, offset, limit)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(pb::ListPlacesResponse {
+            places,
+            next_page_token: if more {
+                (offset + limit).to_string()
+            } else {
+                String::new()
+            },
+        }))
     }
 
     async fn deactivate_place(
         &self,
         request: Request<pb::DeactivatePlaceRequest>,
     ) -> Result<Response<pb::Place>, Status> {
-        self.caller(&request, &[roles::VENUE, roles::OFFICIAL])?;
-        Err(not_built("retiring place codes"))
+        let caller = self.caller(&request, &[roles::VENUE, roles::OFFICIAL])?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        request_id(&mut v, &req.request_id);
+        text(&mut v, "place_code", &req.place_code, 16, true);
+        text(&mut v, "reason", &req.reason, 200, true);
+        v.finish().map_err(st)?;
+        let key = format!("deactivate:{}:{}", caller.subject, req.request_id);
+        Ok(Response::new(
+            self.gateway
+                .deactivate_place(
+                    &key,
+                    &req.place_code,
+                    place_scope(&caller),
+                    &caller.subject,
+                    &req.reason,
+                )
+                .await
+                .map_err(st)?,
+        ))
     }
 
     async fn check_in(
@@ -434,7 +493,41 @@ impl GatewayService for GatewayRpc {
         request: Request<pb::CheckInRequest>,
     ) -> Result<Response<pb::CheckInResponse>, Status> {
         self.caller(&request, &[roles::APP])?;
-        Err(not_built("place-code check-in"))
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        request_id(&mut v, &req.request_id);
+        let person = person_id(&mut v, "person", &req.person);
+        let guardian = guardian(&mut v, &req.guardian);
+        let place = if req.place_qr_payload.is_empty() {
+            v.add("place_qr_payload", "required");
+            None
+        } else if req.place_qr_payload.len() > healthcode_codes::MAX_QR_TEXT_LEN {
+            v.add("place_qr_payload", "longer than any place code");
+            None
+        } else {
+            v.check(
+                "place_qr_payload",
+                verify_place(&req.place_qr_payload, &self.gateway.keys)
+                    .map_err(|_| "not a place code signed by this province"),
+            )
+        };
+        v.finish().map_err(st)?;
+        let Some(place) = place else {
+            return Err(st(ServiceError::invalid("place_qr_payload", "required")));
+        };
+        Ok(Response::new(
+            self.gateway
+                .check_in(CheckIn {
+                    request_id: &req.request_id,
+                    person_id: &person,
+                    guardian_id: guardian.as_deref(),
+                    place_code: &place.place_code,
+                    lang: lang(&req.locale),
+                    care_mode: req.care_mode,
+                })
+                .await
+                .map_err(st)?,
+        ))
     }
 
     async fn list_check_records(
@@ -449,17 +542,7 @@ impl GatewayService for GatewayRpc {
         let (offset, limit) = page(&mut v, &req.page);
         v.finish().map_err(st)?;
         if let Some(g) = guardian {
-            // Reuses the guardianship check of showing a code.
-            self.gateway
-                .show_code(CodeRequest {
-                    person_id: &person,
-                    guardian_id: Some(&g),
-                    lang: Lang::ZhCn,
-                    care_mode: false,
-                    include_svg: false,
-                })
-                .await
-                .map_err(st)?;
+            self.gateway.check_guardian(&g, &person).await.map_err(st)?;
         }
         let records = self
             .gateway
@@ -543,18 +626,9 @@ impl GatewayService for GatewayRpc {
         }
         v.finish().map_err(st)?;
         if let Some(g) = guardian {
-            self.gateway
-                .show_code(CodeRequest {
-                    person_id: &person,
-                    guardian_id: Some(&g),
-                    lang: Lang::ZhCn,
-                    care_mode: false,
-                    include_svg: false,
-                })
-                .await
-                .map_err(st)?;
+            self.gateway.check_guardian(&g, &person).await.map_err(st)?;
         }
-        let lang = Lang::from_tag(req.locale.as_ref().map(|l| l.tag.as_str()).unwrap_or(""));
+        let lang = lang(&req.locale);
         let wants =
             |k: pb::CalendarEntryKind| req.kinds.is_empty() || req.kinds.contains(&(k as i32));
         let mut entries = Vec::new();
@@ -639,9 +713,4 @@ impl GatewayService for GatewayRpc {
             .collect();
         Ok(Response::new(GetPublicKeysResponse { keys }))
     }
-}
-
-#[allow(dead_code)]
-fn _uses(p: &healthcode_proto::identity::v1::MaskedPerson) -> bool {
-    admitted(0, 0) && masked(p).masked_name.is_empty()
 }

@@ -1,5 +1,6 @@
-//! The gateway's operations: show a code, verify a scan, batch checks, places, offline
-//! codes. Colors come through [`ColorReader`], holders through [`HolderReader`].
+//! The gateway's operations: show a code, verify a scan, check in, batch checks, places,
+//! offline codes. Colors come through [`ColorReader`], holders through [`HolderReader`].
+//! A check record at a place and its place visit on the outbox commit together.
 
 use crate::colors::{ColorError, ColorReader};
 use crate::display::{Lang, render};
@@ -10,15 +11,16 @@ use healthcode_codes::{CodeSigner, qr_svg, step_at, verify_online};
 use healthcode_crypto::{FieldCipher, TrustedKeys};
 pub use healthcode_db::db_error;
 use healthcode_errors::ServiceError;
+use healthcode_events::{Relay, outbox};
 use healthcode_proto::common::v1::{CodeColor, MaskedIdentity, PersonRef};
 use healthcode_proto::gateway::v1 as pb;
 use healthcode_proto::identity::v1::{ListDependentsRequest, MaskedPerson};
-use healthcode_proto::risk::v1::PersonColor;
+use healthcode_proto::risk::v1::{AreaStayEvent, PersonColor, RiskEvent, StaySource, risk_event};
 use prost::Message;
-use sea_orm::sea_query::OnConflict;
+use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait,
+    ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, TransactionTrait,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,13 @@ fn holder_error(err: HolderError) -> ServiceError {
             ServiceError::Unavailable(format!("identity unavailable; retry shortly ({m})"))
         }
     }
+}
+
+/// The place a row stores, with the row's own active flag.
+fn place_of(row: &place::Model) -> Result<pb::Place, ServiceError> {
+    let mut place = pb::Place::decode(&row.payload[..]).map_err(ServiceError::internal)?;
+    place.active = row.active;
+    Ok(place)
 }
 
 fn ts(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
@@ -109,6 +118,14 @@ impl TokenCache {
     }
 }
 
+/// Places read by scans and check-ins, kept briefly. Retiring a place bumps `generation`,
+/// so that a read that began before the retirement cannot put the active place back.
+#[derive(Default)]
+struct PlaceCache {
+    generation: u64,
+    entries: HashMap<String, (std::time::Instant, pb::Place)>,
+}
+
 pub struct Gateway {
     pub db: DatabaseConnection,
     pub colors: ColorReader,
@@ -118,13 +135,15 @@ pub struct Gateway {
     /// The gateway's own public keys (active and retired): codes are checked against them.
     pub keys: TrustedKeys,
     pub cipher: Arc<FieldCipher>,
+    /// Woken after a place visit commits, so it reaches the stream without waiting a poll.
+    relay: Relay,
     tokens: TokenCache,
-    /// Places read by scans, kept briefly: a venue's place is read on every scan.
-    places: Mutex<HashMap<String, (std::time::Instant, pb::Place)>>,
+    /// A venue's place is read on every scan and check-in.
+    places: Mutex<PlaceCache>,
 }
 
-/// How long a place read from the database serves scans before it is read again (a retired
-/// place code stops scanning within this time).
+/// How long a place read from the database serves scans before it is read again (a place
+/// code retired through another replica stops scanning here within this time).
 const PLACE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The scan record's id, derived from the checking unit and the request id, so that a
@@ -138,6 +157,90 @@ pub fn scan_id(unit: &str, request_id: &str) -> String {
         .to_string()
 }
 
+/// The check-in's id, derived from the person and the request id, so that a retried
+/// check-in lands on the same record.
+pub fn check_in_id(person_id: &str, request_id: &str) -> String {
+    let digest =
+        healthcode_crypto::sm3_digest(format!("checkin\0{person_id}\0{request_id}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+/// The itinerary point a check record at a place gives the risk service.
+fn place_visit(
+    scan_id: &str,
+    person_id: &str,
+    place: &pb::Place,
+    at: chrono::DateTime<chrono::Utc>,
+) -> RiskEvent {
+    RiskEvent {
+        event_id: scan_id.to_owned(),
+        person: Some(PersonRef {
+            person_id: person_id.to_owned(),
+        }),
+        observed_at: Some(ts(at)),
+        event: Some(risk_event::Event::AreaStay(AreaStayEvent {
+            division_code: place.division_code.clone(),
+            location: place.location,
+            place_code: place.place_code.clone(),
+            arrived_at: Some(ts(at)),
+            left_at: None,
+            source: StaySource::VenueScan as i32,
+        })),
+    }
+}
+
+/// Stores `answer` as the reply of a retry-safe call inside `txn`. False when a concurrent
+/// retry stored its reply first: the caller then answers with [`Gateway::replayed`].
+async fn store_reply<M: Message>(
+    txn: &DatabaseTransaction,
+    key: &str,
+    answer: &M,
+) -> Result<bool, ServiceError> {
+    let inserted = reply::Entity::insert(reply::ActiveModel {
+        key: Set(key.to_owned()),
+        payload: Set(answer.encode_to_vec()),
+        created_at: Set(chrono::Utc::now()),
+    })
+    .on_conflict(
+        OnConflict::column(reply::Column::Key)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(txn)
+    .await
+    .map_err(db_error)?;
+    Ok(inserted > 0)
+}
+
+pub struct CheckIn<'a> {
+    pub request_id: &'a str,
+    pub person_id: &'a str,
+    pub guardian_id: Option<&'a str>,
+    pub place_code: &'a str,
+    pub lang: Lang,
+    pub care_mode: bool,
+}
+
+/// Which places a caller may act on: an official any, a venue its checking unit's.
+#[derive(Debug, Clone, Copy)]
+pub enum PlaceScope<'a> {
+    Any,
+    Unit(&'a str),
+}
+
+impl PlaceScope<'_> {
+    fn covers(&self, place_unit: &str) -> bool {
+        match self {
+            PlaceScope::Any => true,
+            PlaceScope::Unit(unit) => *unit == place_unit,
+        }
+    }
+}
+
 pub struct CodeRequest<'a> {
     pub person_id: &'a str,
     pub guardian_id: Option<&'a str>,
@@ -147,6 +250,7 @@ pub struct CodeRequest<'a> {
 }
 
 impl Gateway {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         db: DatabaseConnection,
         colors: ColorReader,
@@ -155,6 +259,7 @@ impl Gateway {
         signer: CodeSigner,
         keys: TrustedKeys,
         cipher: Arc<FieldCipher>,
+        relay: Relay,
     ) -> Self {
         Gateway {
             db,
@@ -164,12 +269,18 @@ impl Gateway {
             signer,
             keys,
             cipher,
+            relay,
             tokens: TokenCache::default(),
-            places: Mutex::new(HashMap::new()),
+            places: Mutex::new(PlaceCache::default()),
         }
     }
 
-    async fn check_guardian(&self, guardian_id: &str, person_id: &str) -> Result<(), ServiceError> {
+    /// PERMISSION_DENIED unless `guardian_id` manages `person_id` (identity decides).
+    pub async fn check_guardian(
+        &self,
+        guardian_id: &str,
+        person_id: &str,
+    ) -> Result<(), ServiceError> {
         let mut identity = self.upstreams.identity.clone();
         let reply = identity
             .list_dependents(self.upstreams.request(ListDependentsRequest {
@@ -270,27 +381,39 @@ impl Gateway {
     }
 
     pub async fn place(&self, code: &str) -> Result<pb::Place, ServiceError> {
-        if let Some((at, place)) = self
-            .places
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(code)
-            && at.elapsed() < PLACE_TTL
-        {
-            return Ok(place.clone());
-        }
+        let generation = {
+            let places = self.places.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, place)) = places.entries.get(code)
+                && at.elapsed() < PLACE_TTL
+            {
+                return Ok(place.clone());
+            }
+            places.generation
+        };
         let row = place::Entity::find_by_id(code.to_owned())
             .one(&self.db)
             .await
             .map_err(db_error)?
             .ok_or_else(|| ServiceError::NotFound(format!("no place {code}")))?;
-        let place = pb::Place::decode(&row.payload[..]).map_err(ServiceError::internal)?;
+        let place = place_of(&row)?;
         let mut places = self.places.lock().unwrap_or_else(|p| p.into_inner());
-        if places.len() >= 100_000 {
-            places.clear();
+        if places.generation == generation {
+            if places.entries.len() >= 100_000 {
+                places.entries.clear();
+            }
+            places
+                .entries
+                .insert(code.to_owned(), (std::time::Instant::now(), place.clone()));
         }
-        places.insert(code.to_owned(), (std::time::Instant::now(), place.clone()));
         Ok(place)
+    }
+
+    /// Drops a place from this replica's cache, and keeps reads already under way from
+    /// putting back what they read before.
+    fn forget_place(&self, code: &str) {
+        let mut places = self.places.lock().unwrap_or_else(|p| p.into_inner());
+        places.generation = places.generation.wrapping_add(1);
+        places.entries.remove(code);
     }
 
     pub async fn reply<M: Message + Default>(&self, key: &str) -> Result<Option<M>, ServiceError> {
@@ -303,6 +426,18 @@ impl Gateway {
             .transpose()
     }
 
+    /// Abandons `txn` and answers with the reply a concurrent retry stored first.
+    async fn replayed<M: Message + Default>(
+        &self,
+        txn: DatabaseTransaction,
+        key: &str,
+    ) -> Result<M, ServiceError> {
+        txn.rollback().await.map_err(db_error)?;
+        self.reply(key)
+            .await?
+            .ok_or_else(|| ServiceError::internal("reply vanished"))
+    }
+
     /// Records check records and the reply of the call in one transaction. A concurrent
     /// retry that lost the race gets the winner's reply.
     pub async fn record<M: Message + Default>(
@@ -313,25 +448,8 @@ impl Gateway {
     ) -> Result<M, ServiceError> {
         let now = chrono::Utc::now();
         let txn = self.db.begin().await.map_err(db_error)?;
-        let inserted = reply::Entity::insert(reply::ActiveModel {
-            key: Set(key.to_owned()),
-            payload: Set(answer.encode_to_vec()),
-            created_at: Set(now),
-        })
-        .on_conflict(
-            OnConflict::column(reply::Column::Key)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(&txn)
-        .await
-        .map_err(db_error)?;
-        if inserted == 0 {
-            txn.rollback().await.map_err(db_error)?;
-            return self
-                .reply(key)
-                .await?
-                .ok_or_else(|| ServiceError::internal("reply vanished"));
+        if !store_reply(&txn, key, &answer).await? {
+            return self.replayed(txn, key).await;
         }
         for chunk in records.chunks(1000) {
             let rows = chunk
@@ -349,6 +467,54 @@ impl Gateway {
         }
         txn.commit().await.map_err(db_error)?;
         Ok(answer)
+    }
+
+    /// Records a check at a place and, when the record is new, the place visit for the
+    /// risk service's itinerary, in one transaction. Returns the record as first stored: a
+    /// retry (same id) gets the first record and enqueues nothing.
+    async fn record_visit(
+        &self,
+        person_id: &str,
+        place: &pb::Place,
+        record: pb::CheckRecord,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<pb::CheckRecord, ServiceError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let inserted = check_record::Entity::insert(check_record::ActiveModel {
+            scan_id: Set(record.scan_id.clone()),
+            person_id: Set(person_id.to_owned()),
+            checked_at: Set(at),
+            payload: Set(record.encode_to_vec()),
+        })
+        .on_conflict(
+            OnConflict::column(check_record::Column::ScanId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_error)?;
+        if inserted == 0 {
+            txn.rollback().await.map_err(db_error)?;
+            return Ok(check_record::Entity::find_by_id(record.scan_id.clone())
+                .one(&self.db)
+                .await
+                .map_err(db_error)?
+                .and_then(|row| pb::CheckRecord::decode(&row.payload[..]).ok())
+                .unwrap_or(record));
+        }
+        let visit = place_visit(&record.scan_id, person_id, place, at);
+        outbox::enqueue(
+            &txn,
+            crate::PLACE_VISIT_TOPIC,
+            person_id,
+            visit.encode_to_vec(),
+        )
+        .await
+        .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        self.relay.wake();
+        Ok(record)
     }
 
     pub async fn verify_scan(
@@ -381,9 +547,8 @@ impl Gateway {
             };
         let (holder, color) = self.holder_and_color(&verified.person_id).await?;
         let entry_allowed = admitted(place.admits_up_to, color.color);
-        let scan_id = scan_id(unit, &req.request_id);
         let record = pb::CheckRecord {
-            scan_id: scan_id.clone(),
+            scan_id: scan_id(unit, &req.request_id),
             kind: pb::CheckKind::VenueScan as i32,
             checked_at: Some(ts(now)),
             place_code: place.place_code.clone(),
@@ -393,40 +558,274 @@ impl Gateway {
             color: color.color,
             entry_allowed,
         };
-        // One statement, no transaction: the scan id comes from the request id, so a retry
-        // finds the first record instead of writing a second.
-        let inserted = check_record::Entity::insert(check_record::ActiveModel {
-            scan_id: Set(scan_id.clone()),
-            person_id: Set(verified.person_id.clone()),
-            checked_at: Set(now),
-            payload: Set(record.encode_to_vec()),
-        })
-        .on_conflict(
-            OnConflict::column(check_record::Column::ScanId)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(&self.db)
-        .await
-        .map_err(db_error)?;
-        let first = if inserted == 0 {
-            check_record::Entity::find_by_id(scan_id.clone())
-                .one(&self.db)
-                .await
-                .map_err(db_error)?
-                .and_then(|row| pb::CheckRecord::decode(&row.payload[..]).ok())
-                .unwrap_or(record)
-        } else {
-            record
-        };
+        // The scan id comes from the request id, so a retry finds the first record instead
+        // of writing a second.
+        let first = self
+            .record_visit(&verified.person_id, &place, record, now)
+            .await?;
         Ok(pb::VerifyScanResponse {
             result: pb::ScanResult::Valid as i32,
             color: first.color,
             holder: Some(masked(&holder)),
             entry_allowed: first.entry_allowed,
-            scan_id,
+            scan_id: first.scan_id,
             scanned_at: first.checked_at,
         })
+    }
+
+    /// The person scanned a place code: the place must be active; the check-in is recorded
+    /// like a venue scan and answered with the person's code.
+    pub async fn check_in(&self, req: CheckIn<'_>) -> Result<pb::CheckInResponse, ServiceError> {
+        let place = self.place(req.place_code).await?;
+        if !place.active {
+            return Err(ServiceError::precondition(
+                "PLACE_INACTIVE",
+                "the place code has been retired",
+            ));
+        }
+        let code = self
+            .show_code(CodeRequest {
+                person_id: req.person_id,
+                guardian_id: req.guardian_id,
+                lang: req.lang,
+                care_mode: req.care_mode,
+                include_svg: false,
+            })
+            .await?;
+        let now = chrono::Utc::now();
+        let record = pb::CheckRecord {
+            scan_id: check_in_id(req.person_id, req.request_id),
+            kind: pb::CheckKind::PlaceCheckIn as i32,
+            checked_at: Some(ts(now)),
+            place_code: place.place_code.clone(),
+            place_name: place.name.clone(),
+            place_address: place.address.clone(),
+            checking_unit: place.checking_unit.clone(),
+            color: code.color,
+            entry_allowed: admitted(place.admits_up_to, code.color),
+        };
+        let first = self
+            .record_visit(req.person_id, &place, record, now)
+            .await?;
+        Ok(pb::CheckInResponse {
+            place: Some(place),
+            code: Some(code),
+            entry_allowed: first.entry_allowed,
+            scan_id: first.scan_id,
+            checked_in_at: first.checked_at,
+        })
+    }
+
+    /// Stores a new place and the reply of its registration together.
+    pub async fn register_place(
+        &self,
+        key: &str,
+        place: pb::Place,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<pb::Place, ServiceError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if !store_reply(&txn, key, &place).await? {
+            return self.replayed(txn, key).await;
+        }
+        place::Entity::insert(place::ActiveModel {
+            place_code: Set(place.place_code.clone()),
+            checking_unit_code: Set(place.checking_unit_code.clone()),
+            division_code: Set(place.division_code.clone()),
+            active: Set(true),
+            payload: Set(place.encode_to_vec()),
+            registered_at: Set(at),
+        })
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        Ok(place)
+    }
+
+    /// Places of a checking unit and in a division (each when given), by place code, which
+    /// is unique, so pages never overlap or skip. One more than `limit` is read to tell
+    /// whether a next page exists.
+    pub async fn list_places(
+        &self,
+        unit: Option<&str>,
+        division: Option<&str>,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<pb::Place>, bool), ServiceError> {
+        let mut query = place::Entity::find();
+        if let Some(unit) = unit {
+            query = query.filter(place::Column::CheckingUnitCode.eq(unit));
+        }
+        if let Some(division) = division {
+            query = query.filter(place::Column::DivisionCode.eq(division));
+        }
+        let rows = query
+            .order_by_asc(place::Column::PlaceCode)
+            .offset(offset)
+            .limit(limit.saturating_add(1))
+            .all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let more = rows.len() as u64 > limit;
+        let places = rows
+            .iter()
+            .take(limit as usize)
+            .map(place_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((places, more))
+    }
+
+    /// Retires a place code, with who and why, and the reply, in one transaction; this
+    /// replica stops serving the place as active at once.
+    pub async fn deactivate_place(
+        &self,
+        key: &str,
+        code: &str,
+        scope: PlaceScope<'_>,
+        retired_by: &str,
+        reason: &str,
+    ) -> Result<pb::Place, ServiceError> {
+        if let Some(done) = self.reply(key).await? {
+            return Ok(done);
+        }
+        let row = place::Entity::find_by_id(code.to_owned())
+            .one(&self.db)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no place {code}")))?;
+        if !scope.covers(&row.checking_unit_code) {
+            return Err(ServiceError::PermissionDenied(
+                "the place belongs to another checking unit".into(),
+            ));
+        }
+        if !row.active {
+            return self.already_retired(key).await;
+        }
+        let mut place = place_of(&row)?;
+        place.active = false;
+        let now = chrono::Utc::now();
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if !store_reply(&txn, key, &place).await? {
+            return self.replayed(txn, key).await;
+        }
+        let retired = place::Entity::update_many()
+            .col_expr(place::Column::Active, Expr::value(false))
+            .col_expr(place::Column::Payload, Expr::value(place.encode_to_vec()))
+            .filter(place::Column::PlaceCode.eq(code))
+            .filter(place::Column::Active.eq(true))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?
+            .rows_affected;
+        if retired == 0 {
+            txn.rollback().await.map_err(db_error)?;
+            return self.already_retired(key).await;
+        }
+        place_retirement::Entity::insert(place_retirement::ActiveModel {
+            place_code: Set(code.to_owned()),
+            retired_by: Set(retired_by.to_owned()),
+            reason: Set(reason.to_owned()),
+            retired_at: Set(now),
+        })
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        self.forget_place(code);
+        Ok(place)
+    }
+
+    /// FAILED_PRECONDITION for a place already retired, unless this very request retired it
+    /// (its first attempt committed meanwhile): then that answer.
+    async fn already_retired(&self, key: &str) -> Result<pb::Place, ServiceError> {
+        self.reply(key).await?.ok_or_else(|| {
+            ServiceError::precondition("PLACE_INACTIVE", "the place code is already retired")
+        })
+    }
+
+    /// An issued offline credential, as the online verifier checks it for revocation.
+    pub async fn offline_credential(
+        &self,
+        credential_id: &str,
+    ) -> Result<Option<credential::Model>, ServiceError> {
+        credential::Entity::find_by_id(credential_id.to_owned())
+            .one(&self.db)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Stores an issued offline credential and the reply of its issue together.
+    pub async fn store_offline_code(
+        &self,
+        key: &str,
+        person_id: &str,
+        code: pb::OfflineCode,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<pb::OfflineCode, ServiceError> {
+        let claims = code.claims.clone().unwrap_or_default();
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if !store_reply(&txn, key, &code).await? {
+            return self.replayed(txn, key).await;
+        }
+        credential::Entity::insert(credential::ActiveModel {
+            credential_id: Set(claims.credential_id),
+            person_id: Set(person_id.to_owned()),
+            color_version: Set(claims.color_version as i64),
+            expires_at: Set(expires_at),
+            revoked: Set(false),
+        })
+        .exec_without_returning(&txn)
+        .await
+        .map_err(db_error)?;
+        txn.commit().await.map_err(db_error)?;
+        Ok(code)
+    }
+
+    /// Revokes the person's offline credentials (one, or all when `credential_id` is
+    /// `None`) and stores the reply, in one transaction. NOT_FOUND for a credential the
+    /// person does not hold.
+    pub async fn revoke_offline_codes(
+        &self,
+        key: &str,
+        person_id: &str,
+        credential_id: Option<&str>,
+    ) -> Result<pb::RevokeOfflineCodeResponse, ServiceError> {
+        if let Some(done) = self.reply(key).await? {
+            return Ok(done);
+        }
+        let txn = self.db.begin().await.map_err(db_error)?;
+        let mut revoke = credential::Entity::update_many()
+            .col_expr(credential::Column::Revoked, Expr::value(true))
+            .filter(credential::Column::PersonId.eq(person_id))
+            .filter(credential::Column::Revoked.eq(false));
+        if let Some(id) = credential_id {
+            revoke = revoke.filter(credential::Column::CredentialId.eq(id));
+        }
+        let revoked = revoke.exec(&txn).await.map_err(db_error)?.rows_affected;
+        if let Some(id) = credential_id
+            && revoked == 0
+        {
+            let held = credential::Entity::find_by_id(id.to_owned())
+                .filter(credential::Column::PersonId.eq(person_id))
+                .one(&txn)
+                .await
+                .map_err(db_error)?
+                .is_some();
+            if !held {
+                txn.rollback().await.map_err(db_error)?;
+                return Err(ServiceError::NotFound(
+                    "the person holds no such offline credential".into(),
+                ));
+            }
+        }
+        let answer = pb::RevokeOfflineCodeResponse {
+            revoked: u32::try_from(revoked).unwrap_or(u32::MAX),
+        };
+        if !store_reply(&txn, key, &answer).await? {
+            return self.replayed(txn, key).await;
+        }
+        txn.commit().await.map_err(db_error)?;
+        Ok(answer)
     }
 
     pub async fn batch_check(

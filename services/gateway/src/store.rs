@@ -1,5 +1,5 @@
-//! The gateway's own tables: places, check records, offline credentials, replies of
-//! retry-safe calls.
+//! The gateway's own tables: places and their retirements, check records, offline
+//! credentials, replies of retry-safe calls, and the outbox of place visits.
 
 use sea_orm_migration::prelude::*;
 
@@ -55,6 +55,22 @@ pub mod entities {
         impl ActiveModelBehavior for ActiveModel {}
     }
 
+    pub mod place_retirement {
+        use sea_orm::entity::prelude::*;
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "place_retirements")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub place_code: String,
+            pub retired_by: String,
+            pub reason: String,
+            pub retired_at: DateTimeUtc,
+        }
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
     pub mod reply {
         use sea_orm::entity::prelude::*;
         #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -76,7 +92,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateGateway)]
+        vec![
+            Box::new(CreateGateway),
+            Box::new(healthcode_events::outbox::migration::CreateOutbox),
+            Box::new(RetirePlaces),
+        ]
     }
 }
 
@@ -165,5 +185,61 @@ impl MigrationTrait for CreateGateway {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Who retired a place code and why, and places by division (listing filters on it).
+pub struct RetirePlaces;
+
+impl MigrationName for RetirePlaces {
+    fn name(&self) -> &str {
+        "m20261122_000001_place_retirements"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for RetirePlaces {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Alias::new("place_retirements"))
+                    .if_not_exists()
+                    .col(col("place_code").string_len(16).primary_key())
+                    .col(col("retired_by").string_len(128))
+                    .col(col("reason").text())
+                    .col(col("retired_at").timestamp_with_time_zone())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .if_not_exists()
+                    .name("places_division")
+                    .table(Alias::new("places"))
+                    .col(Alias::new("division_code"))
+                    .col(Alias::new("place_code"))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("places_division")
+                    .table(Alias::new("places"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .drop_table(
+                Table::drop()
+                    .table(Alias::new("place_retirements"))
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -44,7 +44,7 @@ enum Command {
     },
     /// Prints fresh secrets for a service's Kubernetes Secret, as KEY=VALUE lines.
     Keys {
-        /// The service: `identity` or `gateway` (risk holds no secret of its own).
+        /// The service: `identity`, `risk` or `gateway`.
         service: String,
     },
 }
@@ -341,8 +341,9 @@ fn main() -> anyhow::Result<()> {
         Command::Keys { service } => {
             let secrets = match service.as_str() {
                 "identity" => identity::config::generate_dev_secrets()?,
+                "risk" => risk::config::generate_dev_secrets()?,
                 "gateway" => gateway::config::generate_dev_secrets()?,
-                _ => bail!("unknown service `{service}`; known: identity, gateway"),
+                _ => bail!("unknown service `{service}`; known: identity, risk, gateway"),
             };
             for (k, v) in secrets {
                 println!("{k}={v}");

@@ -3,6 +3,8 @@
 //! policy; keeps the color record, its history and an insert-only audit trail; writes the
 //! color cache through and publishes every change through the outbox.
 
+pub mod appeals;
+pub mod bulk;
 pub mod config;
 pub mod domain;
 pub mod migration;
@@ -19,14 +21,58 @@ use crate::service::Risk;
 use crate::store::Store;
 use chrono::TimeZone;
 use healthcode_auth::TokenVerifier;
-use healthcode_events::{Backends, Relay, RelayHandle, RelaySettings};
+use healthcode_events::{
+    Backends, Consumer, ConsumerHandle, ConsumerSettings, Event, Handler, HandlerError, Relay,
+    RelayHandle, RelaySettings,
+};
+use healthcode_proto::risk::v1::RiskEvent;
 use healthcode_proto::risk::v1::risk_service_server::{RiskServiceServer, SERVICE_NAME};
 use healthcode_server::RunningServer;
+use prost::Message;
 use sea_orm::DatabaseConnection;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// The gateway's topic of venue scans and check-ins (`RiskEvent`s with an area stay).
+pub const PLACE_VISIT_TOPIC: &str = "gateway.place_visit";
+/// The consumer group that turns venue visits into itinerary stays.
+pub const VISIT_GROUP: &str = "risk-itinerary";
+
+/// Venue visits from the gateway become stays in the itinerary, recorded like
+/// RecordEvents (idempotent by event id, so a redelivered entry counts once).
+struct VisitsToItinerary {
+    risk: Arc<Risk>,
+}
+
+#[async_trait::async_trait]
+impl Handler for VisitsToItinerary {
+    async fn handle(&self, events: &[Event]) -> Result<(), HandlerError> {
+        let mut stays = Vec::with_capacity(events.len());
+        for event in events {
+            match RiskEvent::decode(&event.payload[..]) {
+                Ok(e) if rpc::valid_event(&e) => stays.push(e),
+                // Acknowledged and dropped: a redelivery would be just as unreadable.
+                _ => tracing::warn!(event_id = %event.id, "unusable place visit skipped"),
+            }
+        }
+        if stays.is_empty() {
+            return Ok(());
+        }
+        let actor = service::Actor {
+            subject: "gateway-visits".into(),
+            roles: vec![healthcode_auth::roles::INTERNAL.into()],
+        };
+        for chunk in stays.chunks(rpc::MAX_BATCH) {
+            self.risk
+                .record_events(&actor, chunk.to_vec())
+                .await
+                .map_err(|e| HandlerError::Transient(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -41,6 +87,7 @@ pub struct Application {
     db: DatabaseConnection,
     risk: Arc<Risk>,
     relay: RelayHandle,
+    visits: ConsumerHandle,
     stop_jobs: watch::Sender<bool>,
     jobs: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -62,6 +109,7 @@ impl Application {
             backends.cache.clone(),
             relay.clone(),
             policies.clone(),
+            Arc::new(config.field_cipher),
         ));
         let rpc = RiskRpc::new(risk.clone(), TokenVerifier::new(config.issuer_keys));
         let routes = tonic::service::Routes::new(
@@ -98,11 +146,18 @@ impl Application {
                 }
             }),
         ];
+        let visits = Consumer::new(
+            backends.bus.clone(),
+            ConsumerSettings::new(PLACE_VISIT_TOPIC, VISIT_GROUP, &config.consumer_name),
+            Arc::new(VisitsToItinerary { risk: risk.clone() }),
+        )
+        .spawn();
         Ok(Application {
             server,
             db,
             risk,
             relay: relay.spawn(),
+            visits,
             stop_jobs,
             jobs,
         })
@@ -124,6 +179,7 @@ impl Application {
     /// Drains requests, stops the jobs, relays what committed, closes the pool.
     pub async fn shutdown(self) {
         self.server.shutdown().await;
+        self.visits.shutdown().await;
         let _ = self.stop_jobs.send(true);
         for job in self.jobs {
             let _ = job.await;

@@ -5,7 +5,7 @@ use crate::domain::evaluate::directive_color;
 use crate::domain::facts::{color_of, rank};
 use crate::domain::policy::pending_timeout;
 use crate::domain::time::{Time, from_proto, to_proto};
-use crate::service::{Actor, Cause, Outcome, Risk, db_error};
+use crate::service::{Actor, Applied, Cause, Outcome, Risk, db_error};
 use crate::store::entities::*;
 use crate::store::{self, KIND_STAY, lock_key};
 use healthcode_errors::ServiceError;
@@ -14,7 +14,7 @@ use healthcode_proto::risk::v1 as pb;
 use pb::risk_event::Event as EventKind;
 use pb::{AuditAction, ChangeCause, DirectiveState, OverrideState};
 use prost::Message;
-use sea_orm::sea_query::OnConflict;
+use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ColumnTrait, Condition, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
     Set,
@@ -24,17 +24,17 @@ use std::collections::BTreeSet;
 /// A proposed override lapses when not approved within this time.
 pub const OVERRIDE_APPROVAL_WINDOW: chrono::Duration = chrono::Duration::hours(72);
 
-fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, ServiceError> {
+pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, ServiceError> {
     M::decode(bytes).map_err(ServiceError::internal)
 }
 
-fn person_ref(id: &str) -> Option<PersonRef> {
+pub(crate) fn person_ref(id: &str) -> Option<PersonRef> {
     Some(PersonRef {
         person_id: id.to_owned(),
     })
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
@@ -54,7 +54,7 @@ fn cause<'a>(
     }
 }
 
-fn base_audit(
+pub(crate) fn base_audit(
     actor: &Actor,
     action: AuditAction,
     request_id: &str,
@@ -116,7 +116,7 @@ pub struct Page {
     pub limit: u64,
 }
 
-fn next_token(len: usize, page: &Page) -> String {
+pub(crate) fn next_token(len: usize, page: &Page) -> String {
     if len as u64 == page.limit {
         (page.offset + page.limit).to_string()
     } else {
@@ -125,6 +125,20 @@ fn next_token(len: usize, page: &Page) -> String {
 }
 
 impl Risk {
+    /// The reply a retry-safe call stored under `key`, if it has run already.
+    pub(crate) async fn stored_reply<M: Message + Default>(
+        &self,
+        key: &str,
+    ) -> Result<Option<M>, ServiceError> {
+        match store::reply_get(&self.store().db, key)
+            .await
+            .map_err(db_error)?
+        {
+            Some(bytes) => decode(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
     // -----------------------------------------------------------------------------------
     // Colors
 
@@ -283,25 +297,83 @@ impl Risk {
         let fresh_len = fresh.len() as u32;
         let batch_id = new_id();
         let c = cause(actor, ChangeCause::Event, &batch_id, "", &batch_id);
-        self.change(
+        self.change_holding(
             None,
             persons,
             c,
+            true,
             async |txn, _| insert_events(txn, fresh).await,
-            |recorded: u32, outcomes: &[Outcome]| pb::RecordEventsResponse {
-                recorded,
-                duplicates: duplicates + fresh_len.saturating_sub(recorded),
-                errors: Vec::new(),
-                changed: outcomes
-                    .iter()
-                    .filter(|o| o.changed)
-                    .map(|o| o.color.clone())
-                    .collect(),
-                bulk_change_id: String::new(),
+            async |txn, inserted: Vec<String>, applied| {
+                let recorded = inserted.len() as u32;
+                if let Some(held) = &applied.held {
+                    hold_rows(txn, HeldRows::Events(inserted), &held.bulk_change_id).await?;
+                }
+                Ok(pb::RecordEventsResponse {
+                    recorded,
+                    duplicates: duplicates + fresh_len.saturating_sub(recorded),
+                    errors: Vec::new(),
+                    changed: applied
+                        .outcomes
+                        .iter()
+                        .filter(|o| o.changed)
+                        .map(|o| o.color.clone())
+                        .collect(),
+                    bulk_change_id: bulk_id(applied),
+                })
             },
         )
         .await
     }
+}
+
+/// The id of the bulk change that holds a change back, or empty.
+pub(crate) fn bulk_id(applied: &Applied) -> String {
+    applied
+        .held
+        .as_ref()
+        .map(|h| h.bulk_change_id.clone())
+        .unwrap_or_default()
+}
+
+/// Facts a held bulk change holds back.
+pub(crate) enum HeldRows {
+    Events(Vec<String>),
+    Area(String),
+    Directives(Vec<String>),
+}
+
+/// Marks facts as held back by `bulk_change_id`.
+pub(crate) async fn hold_rows(
+    txn: &DatabaseTransaction,
+    rows: HeldRows,
+    bulk_change_id: &str,
+) -> Result<(), ServiceError> {
+    let held = Expr::value(bulk_change_id.to_owned());
+    let result = match rows {
+        HeldRows::Events(ids) => {
+            event::Entity::update_many()
+                .col_expr(event::Column::HeldBy, held)
+                .filter(event::Column::EventId.is_in(ids))
+                .exec(txn)
+                .await
+        }
+        HeldRows::Area(id) => {
+            risk_area::Entity::update_many()
+                .col_expr(risk_area::Column::HeldBy, held)
+                .filter(risk_area::Column::AreaId.eq(id))
+                .exec(txn)
+                .await
+        }
+        HeldRows::Directives(ids) => {
+            directive::Entity::update_many()
+                .col_expr(directive::Column::HeldBy, held)
+                .filter(directive::Column::DirectiveId.is_in(ids))
+                .exec(txn)
+                .await
+        }
+    };
+    result.map_err(db_error)?;
+    Ok(())
 }
 
 fn event_kind(e: &pb::RiskEvent) -> (&'static str, Option<Time>) {
@@ -330,9 +402,9 @@ fn event_kind(e: &pb::RiskEvent) -> (&'static str, Option<Time>) {
 async fn insert_events(
     txn: &DatabaseTransaction,
     events: Vec<pb::RiskEvent>,
-) -> Result<u32, ServiceError> {
+) -> Result<Vec<String>, ServiceError> {
     let now = chrono::Utc::now();
-    let mut recorded = 0u32;
+    let mut recorded = Vec::new();
     for e in events {
         let (kind, occurred) = event_kind(&e);
         let person_id = e
@@ -347,6 +419,7 @@ async fn insert_events(
             occurred_at: Set(occurred.unwrap_or(now)),
             payload: Set(e.encode_to_vec()),
             recorded_at: Set(now),
+            held_by: Set(None),
         })
         .on_conflict(
             OnConflict::column(event::Column::EventId)
@@ -356,7 +429,9 @@ async fn insert_events(
         .exec_without_returning(txn)
         .await
         .map_err(db_error)?;
-        recorded += inserted as u32;
+        if inserted > 0 {
+            recorded.push(e.event_id);
+        }
     }
     Ok(recorded)
 }
@@ -366,9 +441,14 @@ impl Risk {
     // Risk areas
 
     /// Persons with a recorded stay overlapping `area`.
-    async fn persons_in(&self, area: &pb::RiskArea) -> Result<BTreeSet<String>, ServiceError> {
+    pub(crate) async fn persons_in(
+        &self,
+        area: &pb::RiskArea,
+    ) -> Result<BTreeSet<String>, ServiceError> {
         let from = area.valid_from.as_ref().and_then(from_proto);
-        let mut q = event::Entity::find().filter(event::Column::Kind.eq(KIND_STAY));
+        let mut q = event::Entity::find()
+            .filter(event::Column::Kind.eq(KIND_STAY))
+            .filter(event::Column::HeldBy.is_null());
         if let Some(from) = from {
             q = q.filter(event::Column::OccurredAt.gte(from));
         }
@@ -403,10 +483,11 @@ impl Risk {
         let policy_version = self.policies().in_force(now).version;
         let c = cause(actor, ChangeCause::RiskArea, request_id, "", &area_id);
         let stored = area.clone();
-        self.change(
+        self.change_holding(
             Some(format!("declare-area:{request_id}")),
             persons,
             c,
+            true,
             async |txn, audits| {
                 risk_area::Entity::insert(risk_area::ActiveModel {
                     area_id: Set(stored.area_id.clone()),
@@ -420,6 +501,7 @@ impl Risk {
                     lifted_at: Set(None),
                     payload: Set(stored.encode_to_vec()),
                     declared_at: Set(now),
+                    held_by: Set(None),
                 })
                 .exec_without_returning(txn)
                 .await
@@ -433,7 +515,18 @@ impl Risk {
                 ));
                 Ok(stored)
             },
-            |area, _| area,
+            async |txn, mut area: pb::RiskArea, applied| {
+                if let Some(held) = &applied.held {
+                    hold_rows(
+                        txn,
+                        HeldRows::Area(area.area_id.clone()),
+                        &held.bulk_change_id,
+                    )
+                    .await?;
+                    area.bulk_change_id = held.bulk_change_id.clone();
+                }
+                Ok(area)
+            },
         )
         .await
     }
@@ -446,11 +539,8 @@ impl Risk {
         reason: &str,
     ) -> Result<pb::RiskArea, ServiceError> {
         let key = format!("lift-area:{request_id}");
-        if let Some(bytes) = store::reply_get(&self.store().db, &key)
-            .await
-            .map_err(db_error)?
-        {
-            return decode(&bytes);
+        if let Some(reply) = self.stored_reply(&key).await? {
+            return Ok(reply);
         }
         let now = chrono::Utc::now();
         let row = risk_area::Entity::find_by_id(area_id.to_owned())
@@ -459,6 +549,12 @@ impl Risk {
             .map_err(db_error)?
             .ok_or_else(|| ServiceError::NotFound(format!("no risk area {area_id}")))?;
         let mut area: pb::RiskArea = decode(&row.payload)?;
+        if row.held_by.is_some() {
+            return Err(ServiceError::precondition(
+                "HELD",
+                "the risk area is held as a bulk change; approve or discard that instead",
+            ));
+        }
         let ended = row.lifted_at.is_some() || row.valid_until.is_some_and(|u| u <= now);
         if ended {
             return Err(ServiceError::precondition(
@@ -521,6 +617,7 @@ impl Risk {
         page: &Page,
     ) -> Result<(Vec<pb::RiskArea>, String), ServiceError> {
         let rows = risk_area::Entity::find()
+            .filter(risk_area::Column::HeldBy.is_null())
             .filter(risk_area::Column::ValidFrom.lte(at))
             .filter(risk_area::Column::Level.gte(min_level))
             .filter(
@@ -571,10 +668,11 @@ impl Risk {
         let persons: BTreeSet<String> = req.persons.iter().map(|p| p.person_id.clone()).collect();
         let request_id = req.request_id.clone();
         let c = cause(actor, ChangeCause::Directive, &request_id, "", &request_id);
-        self.change(
+        self.change_holding(
             Some(format!("issue-directive:{request_id}")),
             persons,
             c,
+            true,
             async |txn, audits| {
                 let mut directives = Vec::new();
                 for p in &req.persons {
@@ -619,9 +717,15 @@ impl Risk {
                 }
                 Ok(directives)
             },
-            |directives, _| pb::IssueDirectiveResponse {
-                directives,
-                bulk_change_id: String::new(),
+            async |txn, directives: Vec<pb::Directive>, applied| {
+                if let Some(held) = &applied.held {
+                    let ids = directives.iter().map(|d| d.directive_id.clone()).collect();
+                    hold_rows(txn, HeldRows::Directives(ids), &held.bulk_change_id).await?;
+                }
+                Ok(pb::IssueDirectiveResponse {
+                    directives,
+                    bulk_change_id: bulk_id(applied),
+                })
             },
         )
         .await
@@ -635,11 +739,8 @@ impl Risk {
         reason: &str,
     ) -> Result<pb::Directive, ServiceError> {
         let key = format!("end-directive:{request_id}");
-        if let Some(bytes) = store::reply_get(&self.store().db, &key)
-            .await
-            .map_err(db_error)?
-        {
-            return decode(&bytes);
+        if let Some(reply) = self.stored_reply(&key).await? {
+            return Ok(reply);
         }
         let row = directive::Entity::find_by_id(directive_id.to_owned())
             .one(&self.store().db)
@@ -670,6 +771,12 @@ impl Risk {
                     })?;
                 let state =
                     DirectiveState::try_from(row.state).unwrap_or(DirectiveState::Unspecified);
+                if row.held_by.is_some() {
+                    return Err(ServiceError::precondition(
+                        "HELD",
+                        "the directive is held as a bulk change; approve or discard that instead",
+                    ));
+                }
                 if state == DirectiveState::Ended || row.ends_at.is_some_and(|e| e <= now) {
                     return Err(ServiceError::precondition(
                         "DIRECTIVE_ENDED",
@@ -756,6 +863,7 @@ impl Risk {
                 let waiting = directive::Entity::find()
                     .filter(directive::Column::PersonId.eq(&person_id))
                     .filter(directive::Column::State.eq(DirectiveState::PendingConfirmation as i32))
+                    .filter(directive::Column::HeldBy.is_null())
                     .filter(directive::Column::IssuedAt.gt(now - timeout))
                     .all(txn)
                     .await
@@ -802,6 +910,49 @@ impl Risk {
     }
 }
 
+/// Inserts a proposed override and the persons it names.
+pub(crate) async fn insert_override(
+    txn: &DatabaseTransaction,
+    o: &pb::Override,
+    now: Time,
+) -> Result<(), ServiceError> {
+    override_::Entity::insert(override_::ActiveModel {
+        override_id: Set(o.override_id.clone()),
+        state: Set(o.state),
+        proposed_at: Set(now),
+        payload: Set(o.encode_to_vec()),
+    })
+    .exec_without_returning(txn)
+    .await
+    .map_err(db_error)?;
+    let persons: BTreeSet<&str> = o.persons.iter().map(|p| p.person_id.as_str()).collect();
+    for p in persons {
+        override_person::Entity::insert(override_person::ActiveModel {
+            override_id: Set(o.override_id.clone()),
+            person_id: Set(p.to_owned()),
+        })
+        .exec_without_returning(txn)
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// Rewrites an override's state and message (the row exists).
+pub(crate) async fn save_override(
+    txn: &DatabaseTransaction,
+    o: &pb::Override,
+) -> Result<(), ServiceError> {
+    override_::Entity::update_many()
+        .col_expr(override_::Column::State, Expr::value(o.state))
+        .col_expr(override_::Column::Payload, Expr::value(o.encode_to_vec()))
+        .filter(override_::Column::OverrideId.eq(&o.override_id))
+        .exec(txn)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
 async fn save_directive(
     txn: &DatabaseTransaction,
     d: &pb::Directive,
@@ -828,6 +979,7 @@ async fn save_directive(
             .and_then(from_proto)
             .unwrap_or_else(chrono::Utc::now)),
         payload: Set(d.encode_to_vec()),
+        held_by: sea_orm::ActiveValue::NotSet,
     };
     if insert {
         directive::Entity::insert(model)
@@ -948,26 +1100,7 @@ impl Risk {
             BTreeSet::new(),
             c,
             async |txn, audits| {
-                override_::Entity::insert(override_::ActiveModel {
-                    override_id: Set(o.override_id.clone()),
-                    state: Set(o.state),
-                    proposed_at: Set(now),
-                    payload: Set(o.encode_to_vec()),
-                })
-                .exec_without_returning(txn)
-                .await
-                .map_err(db_error)?;
-                let persons: BTreeSet<&str> =
-                    o.persons.iter().map(|p| p.person_id.as_str()).collect();
-                for p in persons {
-                    override_person::Entity::insert(override_person::ActiveModel {
-                        override_id: Set(o.override_id.clone()),
-                        person_id: Set(p.to_owned()),
-                    })
-                    .exec_without_returning(txn)
-                    .await
-                    .map_err(db_error)?;
-                }
+                insert_override(txn, &o, now).await?;
                 let mut entry = base_audit(
                     actor,
                     AuditAction::OverrideProposed,
@@ -1006,11 +1139,8 @@ impl Risk {
             "{}-override:{request_id}",
             if reject { "reject" } else { "approve" }
         );
-        if let Some(bytes) = store::reply_get(&self.store().db, &key)
-            .await
-            .map_err(db_error)?
-        {
-            return decode(&bytes);
+        if let Some(reply) = self.stored_reply(&key).await? {
+            return Ok(reply);
         }
         let now = chrono::Utc::now();
         let current = shown_override(self.load_override(override_id).await?, now);
@@ -1050,10 +1180,11 @@ impl Risk {
             &reason,
             override_id,
         );
-        self.change(
+        self.change_holding(
             Some(key),
             persons,
             c,
+            !reject,
             async |txn, audits| {
                 lock_key(txn, &format!("risk:override:{override_id}"))
                     .await
@@ -1088,15 +1219,7 @@ impl Risk {
                     }
                     AuditAction::OverrideApproved
                 };
-                override_::Entity::update(override_::ActiveModel {
-                    override_id: Set(o.override_id.clone()),
-                    state: Set(o.state),
-                    proposed_at: Set(row.proposed_at),
-                    payload: Set(o.encode_to_vec()),
-                })
-                .exec(txn)
-                .await
-                .map_err(db_error)?;
+                save_override(txn, &o).await?;
                 let mut entry = base_audit(actor, action, request_id, override_id, policy_version);
                 entry.reason = if note.is_empty() {
                     o.reason.clone()
@@ -1106,7 +1229,17 @@ impl Risk {
                 audits.push(entry);
                 Ok(o)
             },
-            |o, _| o,
+            async |txn, mut o: pb::Override, applied| {
+                if let Some(held) = &applied.held {
+                    o.state = OverrideState::Held as i32;
+                    o.bulk_change_id = held.bulk_change_id.clone();
+                    save_override(txn, &o).await?;
+                } else if !o.appeal_id.is_empty() {
+                    self.appeal_after_override(txn, &o, &applied.outcomes, now)
+                        .await?;
+                }
+                Ok(o)
+            },
         )
         .await
     }
@@ -1193,8 +1326,12 @@ impl Risk {
         };
         let entries = rows
             .iter()
-            .map(|r| decode(&r.payload))
-            .collect::<Result<_, _>>()?;
+            .map(|r| {
+                let mut entry: pb::AuditEntry = decode(&r.payload)?;
+                entry.digest = r.digest.clone();
+                Ok(entry)
+            })
+            .collect::<Result<_, ServiceError>>()?;
         Ok((entries, token))
     }
 
@@ -1260,7 +1397,7 @@ impl Risk {
                     row.sequence
                 )));
             }
-            if crate::service::chain_digest(&previous, &entry) != row.digest {
+            if crate::service::chain_digest(&previous, &row.payload) != row.digest {
                 return Err(ServiceError::internal(format!(
                     "audit digest mismatch at {}",
                     row.sequence

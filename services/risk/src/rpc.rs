@@ -46,6 +46,14 @@ fn actor(caller: &Caller) -> Actor {
     }
 }
 
+/// Reviewers (hotline, officials) read appeal statements; the app does not.
+fn reviewer(actor: &Actor) -> bool {
+    actor
+        .roles
+        .iter()
+        .any(|r| r == roles::HOTLINE || r == roles::OFFICIAL)
+}
+
 fn st(err: ServiceError) -> Status {
     err.into()
 }
@@ -104,6 +112,11 @@ fn batch_len(v: &mut Violations, field: &str, len: usize) {
 }
 
 /// Problems with one risk event, as `events[i].…` field violations.
+/// Whether an event from a stream (not an RPC) passes the same checks as RecordEvents.
+pub fn valid_event(e: &pb::RiskEvent) -> bool {
+    event_problems(e, 0, chrono::Utc::now()).is_empty()
+}
+
 fn event_problems(e: &pb::RiskEvent, i: usize, now: Time) -> Violations {
     let mut v = Violations::new();
     let f = |name: &str| format!("events[{i}].{name}");
@@ -285,12 +298,6 @@ fn bad_items(errors: &mut Vec<ItemError>, index: usize, item_id: &str, problems:
             message,
         });
     }
-}
-
-fn not_built(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} are not built yet in this release (see the README, \"What is not built yet\")"
-    ))
 }
 
 #[tonic::async_trait]
@@ -745,23 +752,60 @@ impl RiskService for RiskRpc {
         request: Request<pb::ListBulkChangesRequest>,
     ) -> Result<Response<pb::ListBulkChangesResponse>, Status> {
         self.caller(&request, &[roles::APPROVER, roles::AUDITOR])?;
-        Err(not_built("held bulk changes"))
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        if pb::BulkChangeState::try_from(req.state).is_err() {
+            v.add("state", "unknown state");
+        }
+        let page = page(&mut v, &req.page);
+        v.finish().map_err(st)?;
+        let (bulk_changes, next_page_token) = self
+            .risk
+            .list_bulk_changes(req.state, &page)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(pb::ListBulkChangesResponse {
+            bulk_changes,
+            next_page_token,
+        }))
     }
 
     async fn approve_bulk_change(
         &self,
         request: Request<pb::ApproveBulkChangeRequest>,
     ) -> Result<Response<pb::BulkChange>, Status> {
-        self.caller(&request, &[roles::APPROVER])?;
-        Err(not_built("held bulk changes"))
+        let actor = self.caller(&request, &[roles::APPROVER])?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        request_id(&mut v, &req.request_id);
+        text(&mut v, "bulk_change_id", &req.bulk_change_id, 36, true);
+        text(&mut v, "note", &req.note, 1000, false);
+        v.finish().map_err(st)?;
+        let b = self
+            .risk
+            .approve_bulk_change(&actor, &req.request_id, &req.bulk_change_id, &req.note)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(b))
     }
 
     async fn discard_bulk_change(
         &self,
         request: Request<pb::DiscardBulkChangeRequest>,
     ) -> Result<Response<pb::BulkChange>, Status> {
-        self.caller(&request, &[roles::APPROVER])?;
-        Err(not_built("held bulk changes"))
+        let actor = self.caller(&request, &[roles::APPROVER])?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        request_id(&mut v, &req.request_id);
+        text(&mut v, "bulk_change_id", &req.bulk_change_id, 36, true);
+        text(&mut v, "note", &req.note, 1000, true);
+        v.finish().map_err(st)?;
+        let b = self
+            .risk
+            .discard_bulk_change(&actor, &req.request_id, &req.bulk_change_id, &req.note)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(b))
     }
 
     async fn list_audit_entries(
@@ -815,31 +859,122 @@ impl RiskService for RiskRpc {
         &self,
         request: Request<pb::SubmitAppealRequest>,
     ) -> Result<Response<pb::Appeal>, Status> {
-        self.caller(&request, &[roles::APP, roles::HOTLINE])?;
-        Err(not_built("appeals"))
+        let actor = self.caller(&request, &[roles::APP, roles::HOTLINE])?;
+        let hotline = actor.roles.iter().any(|r| r == roles::HOTLINE);
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        request_id(&mut v, &req.request_id);
+        person_id(&mut v, "person", &req.person);
+        if req.color_version == 0 {
+            v.add(
+                "color_version",
+                "required: the version of the color the person saw",
+            );
+        }
+        text(&mut v, "statement", &req.statement, 2000, false);
+        text(&mut v, "hotline_ticket", &req.hotline_ticket, 64, hotline);
+        v.finish().map_err(st)?;
+        let channel = if hotline {
+            pb::AppealChannel::Hotline
+        } else {
+            pb::AppealChannel::SelfService
+        };
+        let appeal = self
+            .risk
+            .submit_appeal(&actor, req, channel)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(appeal))
     }
 
     async fn get_appeal(
         &self,
         request: Request<pb::GetAppealRequest>,
     ) -> Result<Response<pb::Appeal>, Status> {
-        self.caller(&request, &[roles::APP, roles::HOTLINE, roles::OFFICIAL])?;
-        Err(not_built("appeals"))
+        let actor = self.caller(&request, &[roles::APP, roles::HOTLINE, roles::OFFICIAL])?;
+        let mut v = Violations::new();
+        text(&mut v, "appeal_id", &request.get_ref().appeal_id, 36, true);
+        v.finish().map_err(st)?;
+        let mut appeal = self
+            .risk
+            .appeal(&request.get_ref().appeal_id)
+            .await
+            .map_err(st)?;
+        if !reviewer(&actor) {
+            appeal.statement.clear();
+        }
+        Ok(Response::new(appeal))
     }
 
     async fn list_appeals(
         &self,
         request: Request<pb::ListAppealsRequest>,
     ) -> Result<Response<pb::ListAppealsResponse>, Status> {
-        self.caller(&request, &[roles::APP, roles::HOTLINE, roles::OFFICIAL])?;
-        Err(not_built("appeals"))
+        let actor = self.caller(&request, &[roles::APP, roles::HOTLINE, roles::OFFICIAL])?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        if pb::AppealState::try_from(req.state).is_err() {
+            v.add("state", "unknown state");
+        }
+        if pb::AppealChannel::try_from(req.channel).is_err() {
+            v.add("channel", "unknown channel");
+        }
+        let person = req
+            .person
+            .as_ref()
+            .map(|_| person_id(&mut v, "person", &req.person));
+        let page = page(&mut v, &req.page);
+        v.finish().map_err(st)?;
+        let reviewer = reviewer(&actor);
+        if !reviewer && person.is_none() {
+            return Err(Status::permission_denied(
+                "the app role lists the appeals of one person: set `person`",
+            ));
+        }
+        let (mut appeals, next_page_token) = self
+            .risk
+            .list_appeals(req.state, req.channel, person.as_deref(), &page)
+            .await
+            .map_err(st)?;
+        if !reviewer {
+            for a in &mut appeals {
+                a.statement.clear();
+            }
+        }
+        Ok(Response::new(pb::ListAppealsResponse {
+            appeals,
+            next_page_token,
+        }))
     }
 
     async fn decide_appeal(
         &self,
         request: Request<pb::DecideAppealRequest>,
     ) -> Result<Response<pb::Appeal>, Status> {
-        self.caller(&request, &[roles::HOTLINE, roles::OFFICIAL])?;
-        Err(not_built("appeals"))
+        let actor = self.caller(&request, &[roles::HOTLINE, roles::OFFICIAL])?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        request_id(&mut v, &req.request_id);
+        text(&mut v, "appeal_id", &req.appeal_id, 36, true);
+        text(&mut v, "note", &req.note, 1000, true);
+        let mut holds_until = None;
+        match pb::AppealDecision::try_from(req.decision) {
+            Ok(pb::AppealDecision::Uphold) => {}
+            Ok(pb::AppealDecision::Correct) => {
+                color(&mut v, "corrected_color", req.corrected_color, false);
+                holds_until = required_time(&mut v, "holds_until", &req.holds_until);
+                if holds_until.is_some_and(|t| t <= chrono::Utc::now()) {
+                    v.add("holds_until", "must be in the future");
+                }
+            }
+            _ => v.add("decision", "required: UPHOLD or CORRECT"),
+        }
+        v.finish().map_err(st)?;
+        let appeal = self
+            .risk
+            .decide_appeal(&actor, req, holds_until)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(appeal))
     }
 }

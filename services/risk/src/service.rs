@@ -4,11 +4,13 @@
 //! the color cache through.
 
 use crate::domain::evaluate::{Evaluation, evaluate};
+use crate::domain::policy::bulk_threshold;
 use crate::domain::time::{Time, opt_to_proto, to_proto};
 use crate::policies::PolicyBook;
 use crate::store::entities::*;
 use crate::store::{self, Store, lock_key, reply_get, reply_put};
 use healthcode_cache::{COLOR_TTL, SharedCache, color_key};
+use healthcode_crypto::FieldCipher;
 pub use healthcode_db::db_error;
 use healthcode_errors::ServiceError;
 use healthcode_events::Relay;
@@ -17,7 +19,7 @@ use healthcode_proto::common::v1::{CodeColor, PersonRef};
 use healthcode_proto::risk::v1 as pb;
 use pb::{AuditAction, ChangeCause};
 use prost::Message;
-use sea_orm::{DatabaseTransaction, DbErr, EntityTrait, QueryOrder, Set};
+use sea_orm::{DatabaseTransaction, DbErr, EntityTrait, QueryOrder, Set, TransactionTrait};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -55,15 +57,36 @@ pub struct Risk {
     cache: SharedCache,
     relay: Relay,
     policies: Arc<PolicyBook>,
+    cipher: Arc<FieldCipher>,
 }
 
 /// What one person's re-evaluation produced.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub color: pb::PersonColor,
+    /// The color before (unspecified for a first evaluation).
+    pub from: i32,
     /// A new version was written.
     pub changed: bool,
 }
+
+impl Outcome {
+    /// Whether the color a person shows moves (a first green is not a move).
+    pub fn moves(&self) -> bool {
+        self.from != self.color.color
+            && !(self.from == CodeColor::Unspecified as i32
+                && self.color.color == CodeColor::Green as i32)
+    }
+}
+
+/// What a change did: the outcomes it applied, or the bulk change that holds them back.
+pub struct Applied {
+    pub outcomes: Vec<Outcome>,
+    pub held: Option<pb::BulkChange>,
+}
+
+/// The topic alerts go out on (held bulk changes), for the operators' alerting.
+pub const ALERT_TOPIC: &str = "risk.alert";
 
 fn person_ref(id: &str) -> Option<PersonRef> {
     Some(PersonRef {
@@ -71,7 +94,7 @@ fn person_ref(id: &str) -> Option<PersonRef> {
     })
 }
 
-fn snapshot(c: &pb::PersonColor) -> pb::ColorSnapshot {
+pub(crate) fn snapshot(c: &pb::PersonColor) -> pb::ColorSnapshot {
     pb::ColorSnapshot {
         color: c.color,
         reasons: c.reasons.clone(),
@@ -139,15 +162,17 @@ pub async fn append_audit(
         entry.recorded_at = Some(to_proto(now));
         entry.previous_digest = previous.clone();
         entry.digest = Vec::new();
-        let digest = chain_digest(&previous, &entry);
-        entry.digest = digest.clone();
+        // The stored bytes are exactly the bytes digested: a re-encoding after decoding
+        // need not match them (protobuf maps have no fixed order).
+        let payload = entry.encode_to_vec();
+        let digest = chain_digest(&previous, &payload);
         audit_entry::Entity::insert(audit_entry::ActiveModel {
             sequence: Set(sequence),
             recorded_at: Set(now),
             actor: Set(entry.actor.clone()),
             action: Set(entry.action),
             person_id: Set(entry.person.as_ref().map(|p| p.person_id.clone())),
-            payload: Set(entry.encode_to_vec()),
+            payload: Set(payload),
             digest: Set(digest.clone()),
         })
         .exec_without_returning(txn)
@@ -157,23 +182,33 @@ pub async fn append_audit(
     Ok(())
 }
 
-/// SM3 over the previous digest and the entry with its own digest empty.
-pub fn chain_digest(previous: &[u8], entry: &pb::AuditEntry) -> Vec<u8> {
-    let mut unsigned = entry.clone();
-    unsigned.digest = Vec::new();
+/// SM3 over the previous digest and the entry as stored (its own digest left empty).
+pub fn chain_digest(previous: &[u8], payload: &[u8]) -> Vec<u8> {
     let mut bytes = previous.to_vec();
-    bytes.extend(unsigned.encode_to_vec());
+    bytes.extend_from_slice(payload);
     healthcode_crypto::sm3_digest(&bytes).to_vec()
 }
 
 impl Risk {
-    pub fn new(store: Store, cache: SharedCache, relay: Relay, policies: Arc<PolicyBook>) -> Self {
+    pub fn new(
+        store: Store,
+        cache: SharedCache,
+        relay: Relay,
+        policies: Arc<PolicyBook>,
+        cipher: Arc<FieldCipher>,
+    ) -> Self {
         Risk {
             store,
             cache,
             relay,
             policies,
+            cipher,
         }
+    }
+
+    /// Seals free text people write (appeal statements) at rest.
+    pub fn cipher(&self) -> &FieldCipher {
+        &self.cipher
     }
 
     pub fn store(&self) -> &Store {
@@ -286,6 +321,10 @@ impl Risk {
                     .await?;
             }
             out.push(Outcome {
+                from: previous
+                    .as_ref()
+                    .map(|p| p.color)
+                    .unwrap_or(CodeColor::Unspecified as i32),
                 color: next,
                 changed,
             });
@@ -392,6 +431,36 @@ impl Risk {
     where
         R: Message + Default,
     {
+        self.change_holding(
+            reply_key,
+            persons,
+            cause,
+            false,
+            body,
+            async move |_, recorded, applied| Ok(reply(recorded, &applied.outcomes)),
+        )
+        .await
+    }
+
+    /// `change`, and with `hold`, subject to the bulk threshold: when the re-evaluation
+    /// would move more colors than the policy allows, the color writes are rolled back, a
+    /// bulk change is held (alert, audit) and `finish` must hold back the facts `body`
+    /// recorded (mark them `held_by`). `finish` runs in the transaction either way.
+    pub(crate) async fn change_holding<T, R>(
+        &self,
+        reply_key: Option<String>,
+        persons: BTreeSet<String>,
+        cause: Cause<'_>,
+        hold: bool,
+        body: impl AsyncFnOnce(
+            &DatabaseTransaction,
+            &mut Vec<pb::AuditEntry>,
+        ) -> Result<T, ServiceError>,
+        finish: impl AsyncFnOnce(&DatabaseTransaction, T, &Applied) -> Result<R, ServiceError>,
+    ) -> Result<R, ServiceError>
+    where
+        R: Message + Default,
+    {
         if let Some(key) = &reply_key
             && let Some(bytes) = reply_get(&self.store.db, key).await.map_err(db_error)?
         {
@@ -411,11 +480,52 @@ impl Risk {
         }
         let mut audits = Vec::new();
         let recorded = body(&write.txn, &mut audits).await?;
-        let outcomes = self
-            .reevaluate_locked(&write.txn, &persons, &cause, now, &mut audits)
-            .await
-            .map_err(db_error)?;
-        let reply = reply(recorded, &outcomes);
+        let applied = if hold {
+            let threshold = bulk_threshold(&self.policies.in_force(now));
+            let trial = write.txn.begin().await.map_err(db_error)?;
+            let mark = audits.len();
+            let outcomes = self
+                .reevaluate_locked(&trial, &persons, &cause, now, &mut audits)
+                .await
+                .map_err(db_error)?;
+            let moved = outcomes.iter().filter(|o| o.moves()).count();
+            if moved > threshold as usize {
+                trial.rollback().await.map_err(db_error)?;
+                audits.truncate(mark);
+                let held = self
+                    .hold_bulk(&write.txn, &persons, &cause, &outcomes, threshold, now)
+                    .await
+                    .map_err(db_error)?;
+                let mut entry = audit(
+                    &cause,
+                    AuditAction::BulkChangeHeld,
+                    None,
+                    self.policies.in_force(now).version,
+                );
+                entry.subject_id = held.bulk_change_id.clone();
+                audits.push(entry);
+                Applied {
+                    outcomes: Vec::new(),
+                    held: Some(held),
+                }
+            } else {
+                trial.commit().await.map_err(db_error)?;
+                Applied {
+                    outcomes,
+                    held: None,
+                }
+            }
+        } else {
+            let outcomes = self
+                .reevaluate_locked(&write.txn, &persons, &cause, now, &mut audits)
+                .await
+                .map_err(db_error)?;
+            Applied {
+                outcomes,
+                held: None,
+            }
+        };
+        let reply = finish(&write.txn, recorded, &applied).await?;
         append_audit(&write.txn, audits, now)
             .await
             .map_err(db_error)?;
@@ -425,7 +535,73 @@ impl Risk {
                 .map_err(db_error)?;
         }
         write.commit().await.map_err(db_error)?;
-        self.after_commit(&outcomes).await;
+        if let Some(held) = &applied.held {
+            tracing::error!(
+                alert = "bulk_change_held",
+                bulk_change_id = %held.bulk_change_id,
+                affected_persons = held.affected_persons,
+                threshold = held.threshold,
+                "a change moving more colors than the bulk threshold was held for two approvers"
+            );
+        }
+        self.after_commit(&applied.outcomes).await;
         Ok(reply)
+    }
+
+    /// Records a held bulk change (and its alert on the outbox) in the caller's transaction.
+    async fn hold_bulk(
+        &self,
+        txn: &DatabaseTransaction,
+        persons: &BTreeSet<String>,
+        cause: &Cause<'_>,
+        trial: &[Outcome],
+        threshold: u32,
+        now: Time,
+    ) -> Result<pb::BulkChange, DbErr> {
+        let mut counts: std::collections::BTreeMap<(i32, i32), u32> = Default::default();
+        for o in trial.iter().filter(|o| o.moves()) {
+            *counts.entry((o.from, o.color.color)).or_default() += 1;
+        }
+        let held = pb::BulkChange {
+            bulk_change_id: uuid::Uuid::new_v4().to_string(),
+            cause: cause.cause as i32,
+            source_id: cause.subject_id.to_owned(),
+            affected_persons: counts.values().sum(),
+            transitions: counts
+                .into_iter()
+                .map(|((from, to), n)| pb::ColorTransitionCount {
+                    from_color: from,
+                    to_color: to,
+                    persons: n,
+                })
+                .collect(),
+            threshold,
+            state: pb::BulkChangeState::Held as i32,
+            held_at: Some(to_proto(now)),
+            ..Default::default()
+        };
+        bulk_change::Entity::insert(bulk_change::ActiveModel {
+            bulk_change_id: Set(held.bulk_change_id.clone()),
+            state: Set(held.state),
+            caused_by: Set(cause.actor.subject.clone()),
+            held_at: Set(now),
+            payload: Set(held.encode_to_vec()),
+        })
+        .exec_without_returning(txn)
+        .await?;
+        let rows: Vec<bulk_change_person::ActiveModel> = persons
+            .iter()
+            .map(|p| bulk_change_person::ActiveModel {
+                bulk_change_id: Set(held.bulk_change_id.clone()),
+                person_id: Set(p.clone()),
+            })
+            .collect();
+        for chunk in rows.chunks(500) {
+            bulk_change_person::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(txn)
+                .await?;
+        }
+        outbox::enqueue(txn, ALERT_TOPIC, &held.bulk_change_id, held.encode_to_vec()).await?;
+        Ok(held)
     }
 }

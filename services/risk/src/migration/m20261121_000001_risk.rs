@@ -3,56 +3,56 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-fn ts(name: &str) -> ColumnDef {
+pub(super) fn ts(name: &str) -> ColumnDef {
     ColumnDef::new(Alias::new(name))
         .timestamp_with_time_zone()
         .not_null()
         .to_owned()
 }
 
-fn ts_null(name: &str) -> ColumnDef {
+pub(super) fn ts_null(name: &str) -> ColumnDef {
     ColumnDef::new(Alias::new(name))
         .timestamp_with_time_zone()
         .null()
         .to_owned()
 }
 
-fn text(name: &str, len: u32) -> ColumnDef {
+pub(super) fn text(name: &str, len: u32) -> ColumnDef {
     ColumnDef::new(Alias::new(name))
         .string_len(len)
         .not_null()
         .to_owned()
 }
 
-fn text_null(name: &str, len: u32) -> ColumnDef {
+pub(super) fn text_null(name: &str, len: u32) -> ColumnDef {
     ColumnDef::new(Alias::new(name))
         .string_len(len)
         .null()
         .to_owned()
 }
 
-fn int(name: &str) -> ColumnDef {
+pub(super) fn int(name: &str) -> ColumnDef {
     ColumnDef::new(Alias::new(name))
         .integer()
         .not_null()
         .to_owned()
 }
 
-fn bigint(name: &str) -> ColumnDef {
+pub(super) fn bigint(name: &str) -> ColumnDef {
     ColumnDef::new(Alias::new(name))
         .big_integer()
         .not_null()
         .to_owned()
 }
 
-fn bytes(name: &str) -> ColumnDef {
+pub(super) fn bytes(name: &str) -> ColumnDef {
     ColumnDef::new(Alias::new(name))
         .binary()
         .not_null()
         .to_owned()
 }
 
-fn table(name: &str, pk: &[&str], cols: Vec<ColumnDef>) -> TableCreateStatement {
+pub(super) fn table(name: &str, pk: &[&str], cols: Vec<ColumnDef>) -> TableCreateStatement {
     let mut t = Table::create();
     t.table(Alias::new(name)).if_not_exists();
     for mut c in cols {
@@ -66,7 +66,7 @@ fn table(name: &str, pk: &[&str], cols: Vec<ColumnDef>) -> TableCreateStatement 
     t.to_owned()
 }
 
-fn index(table: &str, name: &str, cols: &[&str], unique: bool) -> IndexCreateStatement {
+pub(super) fn index(table: &str, name: &str, cols: &[&str], unique: bool) -> IndexCreateStatement {
     let mut i = Index::create();
     i.if_not_exists().name(name).table(Alias::new(table));
     for col in cols {

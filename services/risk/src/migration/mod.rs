@@ -4,6 +4,7 @@
 use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_risk;
+mod m20261121_000200_appeals_bulk;
 
 pub struct Migrator;
 
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261121_000001_risk::Migration),
             Box::new(healthcode_events::outbox::migration::CreateOutbox),
+            Box::new(m20261121_000200_appeals_bulk::Migration),
         ]
     }
 }

@@ -34,6 +34,8 @@ pub mod event {
         pub occurred_at: DateTimeUtc,
         pub payload: Vec<u8>,
         pub recorded_at: DateTimeUtc,
+        /// The held bulk change that holds this fact back, if any.
+        pub held_by: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -56,6 +58,8 @@ pub mod risk_area {
         pub lifted_at: Option<DateTimeUtc>,
         pub payload: Vec<u8>,
         pub declared_at: DateTimeUtc,
+        /// The held bulk change that holds this area back, if any.
+        pub held_by: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -79,6 +83,8 @@ pub mod directive {
         pub ends_at: Option<DateTimeUtc>,
         pub issued_at: DateTimeUtc,
         pub payload: Vec<u8>,
+        /// The held bulk change that holds this directive back, if any.
+        pub held_by: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -218,6 +224,75 @@ pub mod reply {
         pub key: String,
         pub payload: Vec<u8>,
         pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod bulk_change {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "bulk_changes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub bulk_change_id: String,
+        pub state: i32,
+        /// Subject of the caller whose change was held; it may not approve it.
+        pub caused_by: String,
+        pub held_at: DateTimeUtc,
+        pub payload: Vec<u8>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod bulk_change_person {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "bulk_change_persons")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub bulk_change_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub person_id: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod appeal {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "appeals")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub appeal_id: String,
+        pub person_id: String,
+        pub state: i32,
+        pub channel: i32,
+        pub submitted_at: DateTimeUtc,
+        /// Set by a pre-review that found no overlap: stays known up to then no longer count.
+        pub stays_cleared_at: Option<DateTimeUtc>,
+        /// The override a manual correction proposed.
+        pub override_id: Option<String>,
+        /// Id of the `DATA_KEYS` key that sealed the statement.
+        pub statement_key: Option<String>,
+        /// The statement, SM4-GCM sealed (nonce || ciphertext || tag).
+        pub statement_sealed: Option<Vec<u8>>,
+        /// The `Appeal` message without its statement.
+        pub payload: Vec<u8>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

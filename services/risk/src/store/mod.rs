@@ -65,10 +65,15 @@ impl Store {
             Some(gate) => Some(gate.clone().lock_owned().await),
             None => None,
         };
-        Ok(Write {
-            txn: self.db.begin().await?,
-            _gate: gate,
-        })
+        let txn = self.db.begin().await?;
+        if gate.is_some() {
+            // Take SQLite's write lock first (waiting out the busy timeout): a transaction
+            // that reads before its first write cannot upgrade once another connection (the
+            // outbox relay) has committed meanwhile, and would fail at once.
+            txn.execute_unprepared("UPDATE replies SET key = key WHERE 1 = 0")
+                .await?;
+        }
+        Ok(Write { txn, _gate: gate })
     }
 }
 
@@ -114,6 +119,7 @@ pub async fn load_areas<C: ConnectionTrait>(
     since: Time,
 ) -> Result<Vec<(RiskArea, Time)>, DbErr> {
     let rows = risk_area::Entity::find()
+        .filter(risk_area::Column::HeldBy.is_null())
         .filter(
             risk_area::Column::ValidUntil
                 .is_null()
@@ -139,6 +145,7 @@ pub async fn load_facts<C: ConnectionTrait>(
     let mut facts = Facts::default();
     let events = event::Entity::find()
         .filter(event::Column::PersonId.eq(person_id))
+        .filter(event::Column::HeldBy.is_null())
         .all(db)
         .await?;
     for row in events {
@@ -198,8 +205,12 @@ pub async fn load_facts<C: ConnectionTrait>(
             None => {}
         }
     }
+    if let Some(cleared) = stays_cleared_at(db, person_id).await? {
+        facts.stays.retain(|s| s.known_at > cleared);
+    }
     for d in directive::Entity::find()
         .filter(directive::Column::PersonId.eq(person_id))
+        .filter(directive::Column::HeldBy.is_null())
         .all(db)
         .await?
     {
@@ -229,6 +240,20 @@ pub async fn load_facts<C: ConnectionTrait>(
     }
     facts.override_ = applied_override(db, person_id).await?;
     Ok(facts)
+}
+
+/// The latest time up to which an appeal's pre-review cleared the person's known stays.
+pub async fn stays_cleared_at<C: ConnectionTrait>(
+    db: &C,
+    person_id: &str,
+) -> Result<Option<Time>, DbErr> {
+    Ok(appeal::Entity::find()
+        .filter(appeal::Column::PersonId.eq(person_id))
+        .filter(appeal::Column::StaysClearedAt.is_not_null())
+        .order_by_desc(appeal::Column::StaysClearedAt)
+        .one(db)
+        .await?
+        .and_then(|a| a.stays_cleared_at))
 }
 
 /// The most recently applied override naming the person, if any.

@@ -308,6 +308,44 @@ async fn held_bulk_changes_wait_for_two_approvers(backend: Backend) {
         assert_eq!(color(&mesh, &t, p).await.color, CodeColor::Green as i32);
     }
 
+    // A directive batch whose pending changes exceed the threshold is held as well.
+    let directed = risk
+        .issue_directive(authorized(
+            rk::IssueDirectiveRequest {
+                request_id: rid(),
+                persons: (0..3).map(|_| PersonRef { person_id: rid() }).collect(),
+                kind: rk::DirectiveKind::HomeMonitoring as i32,
+                starts_at: None,
+                ends_at: ts(7 * DAY),
+                document_reference: "杭疾控〔2026〕31 号".into(),
+                issuing_unit: "杭州市疾控中心".into(),
+            },
+            &t.official,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !directed.bulk_change_id.is_empty(),
+        "three pending changes > 2"
+    );
+    let err = risk
+        .end_directive(authorized(
+            rk::EndDirectiveRequest {
+                request_id: rid(),
+                directive_id: directed.directives[0].directive_id.clone(),
+                reason: "解除".into(),
+            },
+            &t.official,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "a held directive is not in force"
+    );
+
     let audit = risk
         .list_audit_entries(authorized(
             rk::ListAuditEntriesRequest {
@@ -319,7 +357,7 @@ async fn held_bulk_changes_wait_for_two_approvers(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(audit.entries.len(), 2, "both holds are in the audit trail");
+    assert_eq!(audit.entries.len(), 3, "every hold is in the audit trail");
     assert_eq!(
         mesh.risk
             .risk()

@@ -26,8 +26,15 @@ use sea_orm::{
 };
 use std::collections::BTreeSet;
 
-/// The itinerary window the pre-review compares.
+/// The itinerary window the pre-review compares when the policy sets none.
 pub const PRE_REVIEW_WINDOW: chrono::Duration = chrono::Duration::days(7);
+
+/// The policy's pre-review window, or 7 days.
+fn pre_review_window(policy: &pb::Policy) -> chrono::Duration {
+    crate::domain::time::opt_duration(&policy.appeal_pre_review_window)
+        .filter(|d| *d > chrono::Duration::zero())
+        .unwrap_or(PRE_REVIEW_WINDOW)
+}
 
 /// States in which an appeal is still open: a second one is refused.
 const OPEN: [AppealState; 2] = [AppealState::InReview, AppealState::CorrectionPending];
@@ -52,14 +59,15 @@ fn explained_by_itinerary(color: &pb::PersonColor) -> bool {
         })
 }
 
-/// Compares the stays of the last 7 days with the risk areas.
+/// Compares the stays of the policy's window (7 days by default) with the risk areas.
 async fn pre_review<C: ConnectionTrait>(
     db: &C,
     person_id: &str,
     color: &pb::PersonColor,
+    window: chrono::Duration,
     now: Time,
 ) -> Result<pb::PreReview, ServiceError> {
-    let window_start = now - PRE_REVIEW_WINDOW;
+    let window_start = now - window;
     let horizon = now - chrono::Duration::days(store::RETENTION_DAYS);
     let areas = store::load_areas(db, horizon).await.map_err(db_error)?;
     let rows = event::Entity::find()
@@ -216,7 +224,8 @@ impl Risk {
                         open.appeal_id
                     )));
                 }
-                let review = pre_review(txn, &person_id, &color, now).await?;
+                let window = pre_review_window(&self.policies().in_force(now));
+                let review = pre_review(txn, &person_id, &color, window, now).await?;
                 let corrected = review.outcome == PreReviewOutcome::NoOverlap as i32;
                 let mut a = pb::Appeal {
                     appeal_id: appeal_id.clone(),

@@ -171,7 +171,19 @@ impl Risk {
         if held.state != BulkChangeState::Held as i32 {
             return Err(not_held());
         }
-        if row.caused_by == actor.subject
+        // A held override was caused by all who proposed and approved it.
+        let mut causers = vec![row.caused_by.clone()];
+        if held.cause == ChangeCause::Override as i32
+            && let Some(o) = override_::Entity::find_by_id(held.source_id.clone())
+                .one(&self.store().db)
+                .await
+                .map_err(db_error)?
+        {
+            let o: pb::Override = decode(&o.payload)?;
+            causers.push(o.proposed_by);
+            causers.extend(o.approvals.into_iter().map(|a| a.approver));
+        }
+        if causers.contains(&actor.subject)
             || held.approvals.iter().any(|a| a.approver == actor.subject)
         {
             return Err(ServiceError::PermissionDenied(

@@ -68,14 +68,26 @@ pub struct Outcome {
     pub from: i32,
     /// A new version was written.
     pub changed: bool,
+    /// A change waiting for double confirmation started with this evaluation.
+    pub pending_started: bool,
 }
 
 impl Outcome {
-    /// Whether the color a person shows moves (a first green is not a move).
+    /// Whether the color a person shows moves, or a change of it starts waiting for
+    /// confirmation (a first green is not a move).
     pub fn moves(&self) -> bool {
-        self.from != self.color.color
+        let moved = self.from != self.color.color
             && !(self.from == CodeColor::Unspecified as i32
-                && self.color.color == CodeColor::Green as i32)
+                && self.color.color == CodeColor::Green as i32);
+        moved || self.pending_started
+    }
+
+    /// The color it moves to: the shown one, or the one a started pending change proposes.
+    fn to_color(&self) -> i32 {
+        match &self.color.pending {
+            Some(p) if self.pending_started && self.from == self.color.color => p.proposed_color,
+            _ => self.color.color,
+        }
     }
 }
 
@@ -320,7 +332,10 @@ impl Risk {
                 self.record_change(txn, previous.as_ref(), &next, cause, now, audits)
                     .await?;
             }
+            let pending_started =
+                next.pending.is_some() && previous.as_ref().is_none_or(|p| p.pending.is_none());
             out.push(Outcome {
+                pending_started,
                 from: previous
                     .as_ref()
                     .map(|p| p.color)
@@ -560,7 +575,7 @@ impl Risk {
     ) -> Result<pb::BulkChange, DbErr> {
         let mut counts: std::collections::BTreeMap<(i32, i32), u32> = Default::default();
         for o in trial.iter().filter(|o| o.moves()) {
-            *counts.entry((o.from, o.color.color)).or_default() += 1;
+            *counts.entry((o.from, o.to_color())).or_default() += 1;
         }
         let held = pb::BulkChange {
             bulk_change_id: uuid::Uuid::new_v4().to_string(),

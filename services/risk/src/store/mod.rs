@@ -297,7 +297,8 @@ async fn applied_override<C: ConnectionTrait>(
     Ok(best)
 }
 
-/// Deletes itinerary points and risk areas that ended more than 60 days before `now`.
+/// Deletes itinerary points and risk areas that ended more than 60 days before `now`, and
+/// the stays compared by appeals submitted before then.
 /// Colors, their history and the audit trail stay.
 pub async fn purge_itinerary<C: ConnectionTrait>(db: &C, now: Time) -> Result<u64, DbErr> {
     let cutoff = now - chrono::Duration::days(RETENTION_DAYS);
@@ -316,5 +317,27 @@ pub async fn purge_itinerary<C: ConnectionTrait>(db: &C, now: Time) -> Result<u6
         .exec(db)
         .await?
         .rows_affected;
-    Ok(stays + areas)
+    // Appeals keep their decision, not the itinerary they compared.
+    let mut appeals = 0;
+    for row in appeal::Entity::find()
+        .filter(appeal::Column::SubmittedAt.lt(cutoff))
+        .all(db)
+        .await?
+    {
+        let mut a: healthcode_proto::risk::v1::Appeal = decode(&row.payload)?;
+        let Some(review) = a.pre_review.as_mut() else {
+            continue;
+        };
+        if review.overlaps.is_empty() {
+            continue;
+        }
+        review.overlaps.clear();
+        appeal::Entity::update_many()
+            .col_expr(appeal::Column::Payload, Expr::value(a.encode_to_vec()))
+            .filter(appeal::Column::AppealId.eq(&row.appeal_id))
+            .exec(db)
+            .await?;
+        appeals += 1;
+    }
+    Ok(stays + areas + appeals)
 }

@@ -10,8 +10,11 @@ use healthcode_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
 use healthcode_proto::identity::v1 as id;
 use healthcode_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use healthcode_proto::risk::v1::risk_service_client::RiskServiceClient;
+use healthcode_proto::testing::v1::testing_service_client::TestingServiceClient;
 use identity::providers::{LocalSms, Providers};
 use std::sync::Arc;
+use testing::notify::LocalNotifier;
+use testing::payments::{Providers as PaymentProviders, SandboxProvider};
 use tonic::transport::Channel;
 
 pub const PROVINCE: &str = "330000";
@@ -20,6 +23,10 @@ pub struct Mesh {
     pub identity: identity::Application,
     pub risk: risk::Application,
     pub gateway: gateway::Application,
+    pub testing: testing::Application,
+    /// The testing service's sandbox payment provider and its notifier, as it sees them.
+    pub sandbox: Arc<SandboxProvider>,
+    pub notifier: Arc<LocalNotifier>,
     pub keys: TestKeys,
     pub sms: Arc<LocalSms>,
     pub backends: Backends,
@@ -94,6 +101,7 @@ impl Mesh {
             database(backend).await,
             database(backend).await,
             database(backend).await,
+            database(backend).await,
         ];
         let mut identity_env = base(databases[0].clone()).with("PROVIDERS", "local");
         for (k, v) in identity::config::generate_dev_secrets().expect("secrets") {
@@ -137,10 +145,43 @@ impl Mesh {
         )
         .await
         .expect("gateway starts");
+        let mut testing_env = base(databases[3].clone())
+            .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
+            .with("GATEWAY_URL", format!("http://{}", gateway.local_addr()))
+            .with("SERVICE_TOKEN", keys.token("testing", &[roles::INTERNAL]))
+            .with("CONSUMER_NAME", "testing-test")
+            .with("JOB_INTERVAL_MS", "200");
+        for (k, v) in testing::config::generate_dev_secrets().expect("secrets") {
+            if extra.iter().all(|(name, _)| *name != k) {
+                testing_env = testing_env.with(k, v);
+            }
+        }
+        let mut testing_config =
+            testing::config::TestingConfig::from_env(&testing_env).expect("testing config");
+        let sandbox = Arc::new(SandboxProvider::new(
+            testing_config
+                .sandbox_payment_key
+                .take()
+                .expect("sandbox key"),
+        ));
+        let notifier = Arc::new(LocalNotifier::default());
+        let testing = testing::Application::build(
+            testing_config,
+            backends.clone(),
+            testing::Externals {
+                providers: PaymentProviders::default().with(sandbox.clone()),
+                notifier: notifier.clone(),
+            },
+        )
+        .await
+        .expect("testing starts");
         Mesh {
             identity,
             risk,
             gateway,
+            testing,
+            sandbox,
+            notifier,
             keys,
             sms,
             backends,
@@ -151,6 +192,7 @@ impl Mesh {
     }
 
     pub async fn stop(self) {
+        self.testing.shutdown().await;
         self.gateway.shutdown().await;
         self.risk.shutdown().await;
         self.identity.shutdown().await;
@@ -169,6 +211,12 @@ impl Mesh {
         RiskServiceClient::connect(format!("http://{}", self.risk.local_addr()))
             .await
             .expect("connect risk")
+    }
+
+    pub async fn testing_client(&self) -> TestingServiceClient<Channel> {
+        TestingServiceClient::connect(format!("http://{}", self.testing.local_addr()))
+            .await
+            .expect("connect testing")
     }
 
     pub async fn identity_client(&self) -> IdentityServiceClient<Channel> {

@@ -200,20 +200,9 @@ async fn store_reply<M: Message>(
     key: &str,
     answer: &M,
 ) -> Result<bool, ServiceError> {
-    let inserted = reply::Entity::insert(reply::ActiveModel {
-        key: Set(key.to_owned()),
-        payload: Set(answer.encode_to_vec()),
-        created_at: Set(chrono::Utc::now()),
-    })
-    .on_conflict(
-        OnConflict::column(reply::Column::Key)
-            .do_nothing()
-            .to_owned(),
-    )
-    .exec_without_returning(txn)
-    .await
-    .map_err(db_error)?;
-    Ok(inserted > 0)
+    healthcode_db::replies::store(txn, key, answer)
+        .await
+        .map_err(db_error)
 }
 
 pub struct CheckIn<'a> {
@@ -417,13 +406,9 @@ impl Gateway {
     }
 
     pub async fn reply<M: Message + Default>(&self, key: &str) -> Result<Option<M>, ServiceError> {
-        let found = reply::Entity::find_by_id(key.to_owned())
-            .one(&self.db)
+        healthcode_db::replies::load(&self.db, key)
             .await
-            .map_err(db_error)?;
-        found
-            .map(|r| M::decode(&r.payload[..]).map_err(ServiceError::internal))
-            .transpose()
+            .map_err(db_error)
     }
 
     /// Abandons `txn` and answers with the reply a concurrent retry stored first.

@@ -36,6 +36,23 @@ enum Command {
         /// Port of the gateway (0 picks a free one).
         #[arg(long, env = "GATEWAY_PORT", default_value_t = 50050)]
         gateway_port: u16,
+        #[arg(long, env = "TESTING_PORT", default_value_t = 50053)]
+        testing_port: u16,
+    },
+    /// Loads a realistic set of testing institutions with slots into the testing service's
+    /// database (`DATABASE_URL`, or the embedded default's file in the data directory).
+    SeedInstitutions {
+        #[arg(long, env = "HEALTHCODE_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 3000)]
+        count: usize,
+        /// Days of half-hour slots from today.
+        #[arg(long, default_value_t = 2)]
+        days: u32,
+        #[arg(long, default_value_t = 50)]
+        capacity: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Caller tokens.
     Token {
@@ -120,9 +137,22 @@ fn dev_secrets(data_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
         entries
     };
     // A data directory from before the gateway existed gains its secrets once.
+    let mut added = false;
     if !entries.contains_key("GATEWAY_SIGNING_KEY") {
         for (k, v) in gateway::config::generate_dev_secrets()? {
             entries.insert(format!("GATEWAY_{k}"), v);
+        }
+        added = true;
+    }
+    if !entries.contains_key("TESTING_SIGNING_KEY") {
+        for (k, v) in testing::config::generate_dev_secrets()? {
+            entries.insert(format!("TESTING_{k}"), v);
+        }
+        added = true;
+    }
+    if added {
+        if path.exists() {
+            std::fs::remove_file(&path)?;
         }
         write_secret_file(&path, &entries)?;
     } else if !path.exists() {
@@ -151,7 +181,7 @@ fn shared_env(secrets: &BTreeMap<String, String>, issuer: &TokenIssuer) -> Env {
     let process = Env::from_process();
     let mut env = process.clone();
     for (k, v) in secrets {
-        if process.raw(k).is_none() && !k.starts_with("GATEWAY_") {
+        if process.raw(k).is_none() && !k.starts_with("GATEWAY_") && !k.starts_with("TESTING_") {
             env = env.with(k.clone(), v.clone());
         }
     }
@@ -186,6 +216,17 @@ struct Ports {
     identity: u16,
     risk: u16,
     gateway: u16,
+    testing: u16,
+}
+
+/// The `PREFIX_`-named development secrets, without their prefix.
+fn prefixed(env: Env, secrets: &BTreeMap<String, String>, prefix: &str) -> Env {
+    secrets
+        .iter()
+        .fold(env, |env, (k, v)| match k.strip_prefix(prefix) {
+            Some(name) => env.with(name.to_owned(), v.clone()),
+            None => env,
+        })
 }
 
 async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()> {
@@ -244,16 +285,44 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
         "SERVICE_TOKEN",
         issuer.mint("gateway", &[roles::INTERNAL], now(), 30 * 24 * 3600)?,
     );
-    for (k, v) in &secrets {
-        if let Some(name) = k.strip_prefix("GATEWAY_") {
-            gateway_env = gateway_env.with(name.to_owned(), v.clone());
-        }
-    }
+    gateway_env = prefixed(gateway_env, &secrets, "GATEWAY_");
     let gateway_config = gateway::config::GatewayConfig::from_env(&gateway_env)
         .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
-    let gateway = gateway::Application::build(gateway_config, backends)
+    let gateway = gateway::Application::build(gateway_config, backends.clone())
         .await
         .context("starting the gateway")?;
+
+    let testing_env = service_env(
+        &base,
+        &data_dir,
+        "testing",
+        format!("{host}:{}", ports.testing),
+    )
+    .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
+    .with("GATEWAY_URL", format!("http://{}", gateway.local_addr()))
+    .with(
+        "SERVICE_TOKEN",
+        issuer.mint("testing", &[roles::INTERNAL], now(), 30 * 24 * 3600)?,
+    );
+    let testing_env = prefixed(testing_env, &secrets, "TESTING_");
+    let mut testing_config = testing::config::TestingConfig::from_env(&testing_env)
+        .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
+    let mut providers = testing::payments::Providers::default();
+    if let Some(key) = testing_config.sandbox_payment_key.take() {
+        providers = providers.with(std::sync::Arc::new(
+            testing::payments::SandboxProvider::new(key),
+        ));
+    }
+    let testing = testing::Application::build(
+        testing_config,
+        backends,
+        testing::Externals {
+            providers,
+            notifier: std::sync::Arc::new(testing::notify::LocalNotifier::default()),
+        },
+    )
+    .await
+    .context("starting testing")?;
     let token = issuer.mint("healthcode-up", roles::ALL, now(), 24 * 3600)?;
 
     println!(
@@ -263,6 +332,7 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     println!("  gateway   {}", gateway.local_addr());
     println!("  identity  {}", identity.local_addr());
     println!("  risk      {}", risk.local_addr());
+    println!("  testing   {}", testing.local_addr());
     println!();
     println!("development caller token (all roles, 24 h):");
     println!("  {token}");
@@ -272,10 +342,42 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     println!("press Ctrl-C to stop");
 
     healthcode_server::shutdown_signal().await;
+    testing.shutdown().await;
     gateway.shutdown().await;
     risk.shutdown().await;
     identity.shutdown().await;
     println!("stopped");
+    Ok(())
+}
+
+async fn seed_institutions(
+    data_dir: PathBuf,
+    count: usize,
+    days: u32,
+    capacity: u32,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let env = service_env(&Env::from_process(), &data_dir, "testing", String::new());
+    if Env::from_process().raw("DATABASE_URL").is_none() {
+        std::fs::create_dir_all(&data_dir)?;
+    }
+    let db_config = healthcode_db::DbConfig::from_env(&env)
+        .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
+    let db = healthcode_db::connect_and_migrate::<testing::store::Migrator>(&db_config).await?;
+    let started = std::time::Instant::now();
+    let plan = testing::seed::SeedPlan {
+        count,
+        days,
+        capacity,
+        seed,
+        from: chrono::Utc::now(),
+    };
+    let created = testing::seed::seed(&db, &plan).await?;
+    println!(
+        "{created} new institutions ({count} in the plan) with {days} days of half-hour slots, in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    db.close().await?;
     Ok(())
 }
 
@@ -288,14 +390,26 @@ fn main() -> anyhow::Result<()> {
             identity_port,
             risk_port,
             gateway_port,
+            testing_port,
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
             let ports = Ports {
                 identity: identity_port,
                 risk: risk_port,
                 gateway: gateway_port,
+                testing: testing_port,
             };
             runtime.block_on(up(data_dir, host, ports))
+        }
+        Command::SeedInstitutions {
+            data_dir,
+            count,
+            days,
+            capacity,
+            seed,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(seed_institutions(data_dir, count, days, capacity, seed))
         }
         Command::Token { command } => match command {
             TokenCommand::Mint {
@@ -343,7 +457,8 @@ fn main() -> anyhow::Result<()> {
                 "identity" => identity::config::generate_dev_secrets()?,
                 "risk" => risk::config::generate_dev_secrets()?,
                 "gateway" => gateway::config::generate_dev_secrets()?,
-                _ => bail!("unknown service `{service}`; known: identity, risk, gateway"),
+                "testing" => testing::config::generate_dev_secrets()?,
+                _ => bail!("unknown service `{service}`; known: identity, risk, gateway, testing"),
             };
             for (k, v) in secrets {
                 println!("{k}={v}");

@@ -39,29 +39,43 @@ use tokio::sync::watch;
 pub const PLACE_VISIT_TOPIC: &str = "gateway.place_visit";
 /// The consumer group that turns venue visits into itinerary stays.
 pub const VISIT_GROUP: &str = "risk-itinerary";
+/// The testing service's topic of reports (`RiskEvent`s with a test result, whose
+/// `event_id` is the report id).
+pub const TEST_RESULT_TOPIC: &str = "testing.result";
+/// The consumer group that records test results.
+pub const TEST_RESULT_GROUP: &str = "risk-test-results";
 
-/// Venue visits from the gateway become stays in the itinerary, recorded like
-/// RecordEvents (idempotent by event id, so a redelivered entry counts once).
-struct VisitsToItinerary {
+/// Events another service publishes (venue visits, test results) recorded like
+/// RecordEvents: idempotent by event id, so a redelivered entry counts once.
+pub struct EventsFromTopic {
     risk: Arc<Risk>,
+    subject: &'static str,
+}
+
+impl EventsFromTopic {
+    pub fn new(risk: Arc<Risk>, subject: &'static str) -> Self {
+        EventsFromTopic { risk, subject }
+    }
 }
 
 #[async_trait::async_trait]
-impl Handler for VisitsToItinerary {
+impl Handler for EventsFromTopic {
     async fn handle(&self, events: &[Event]) -> Result<(), HandlerError> {
         let mut stays = Vec::with_capacity(events.len());
         for event in events {
             match RiskEvent::decode(&event.payload[..]) {
                 Ok(e) if rpc::valid_event(&e) => stays.push(e),
                 // Acknowledged and dropped: a redelivery would be just as unreadable.
-                _ => tracing::warn!(event_id = %event.id, "unusable place visit skipped"),
+                _ => {
+                    tracing::warn!(event_id = %event.id, topic = self.subject, "unusable event skipped")
+                }
             }
         }
         if stays.is_empty() {
             return Ok(());
         }
         let actor = service::Actor {
-            subject: "gateway-visits".into(),
+            subject: self.subject.into(),
             roles: vec![healthcode_auth::roles::INTERNAL.into()],
         };
         for chunk in stays.chunks(rpc::MAX_BATCH) {
@@ -88,6 +102,7 @@ pub struct Application {
     risk: Arc<Risk>,
     relay: RelayHandle,
     visits: ConsumerHandle,
+    results: ConsumerHandle,
     stop_jobs: watch::Sender<bool>,
     jobs: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -149,7 +164,13 @@ impl Application {
         let visits = Consumer::new(
             backends.bus.clone(),
             ConsumerSettings::new(PLACE_VISIT_TOPIC, VISIT_GROUP, &config.consumer_name),
-            Arc::new(VisitsToItinerary { risk: risk.clone() }),
+            Arc::new(EventsFromTopic::new(risk.clone(), "gateway-visits")),
+        )
+        .spawn();
+        let results = Consumer::new(
+            backends.bus.clone(),
+            ConsumerSettings::new(TEST_RESULT_TOPIC, TEST_RESULT_GROUP, &config.consumer_name),
+            Arc::new(EventsFromTopic::new(risk.clone(), "testing-results")),
         )
         .spawn();
         Ok(Application {
@@ -158,6 +179,7 @@ impl Application {
             risk,
             relay: relay.spawn(),
             visits,
+            results,
             stop_jobs,
             jobs,
         })
@@ -180,6 +202,7 @@ impl Application {
     pub async fn shutdown(self) {
         self.server.shutdown().await;
         self.visits.shutdown().await;
+        self.results.shutdown().await;
         let _ = self.stop_jobs.send(true);
         for job in self.jobs {
             let _ = job.await;

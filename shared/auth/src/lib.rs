@@ -36,6 +36,14 @@ pub mod roles {
     pub const HOTLINE: &str = "hotline";
     /// A school or employer system checking many persons at once.
     pub const BATCH_CHECKER: &str = "batch_checker";
+    /// Registers testing institutions.
+    pub const HEALTH_ADMIN: &str = "health_admin";
+    /// Staff of one testing institution; the token's subject is the institution id.
+    pub const INSTITUTION: &str = "institution";
+    /// A laboratory uploading results; the token's subject is its institution id.
+    pub const LAB: &str = "lab";
+    /// The adapter that receives a payment provider's notifications.
+    pub const PAYMENT_PROVIDER: &str = "payment_provider";
     pub const ALL: &[&str] = &[
         APP,
         OFFICIAL,
@@ -48,6 +56,10 @@ pub mod roles {
         AUDITOR,
         HOTLINE,
         BATCH_CHECKER,
+        HEALTH_ADMIN,
+        INSTITUTION,
+        LAB,
+        PAYMENT_PROVIDER,
     ];
 }
 

@@ -6,6 +6,8 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbB
 use sea_orm_migration::MigratorTrait;
 use std::time::Duration;
 
+pub mod replies;
+
 pub use sea_orm;
 pub use sea_orm_migration;
 

@@ -51,6 +51,39 @@ pub async fn enqueue<C: ConnectionTrait>(
     Ok(id)
 }
 
+/// Records many events of one topic in the caller's transaction, in order, with
+/// multi-row inserts; `events` are `(key, payload)` pairs. Returns their ids.
+pub async fn enqueue_many<C: ConnectionTrait>(
+    db: &C,
+    topic: &str,
+    events: Vec<(String, Vec<u8>)>,
+) -> Result<Vec<String>, DbErr> {
+    let now = chrono::Utc::now();
+    let mut ids = Vec::with_capacity(events.len());
+    let rows: Vec<entity::ActiveModel> = events
+        .into_iter()
+        .map(|(key, payload)| {
+            let id = Uuid::now_v7().to_string();
+            ids.push(id.clone());
+            entity::ActiveModel {
+                id: Set(id),
+                topic: Set(topic.to_owned()),
+                key: Set(key),
+                payload: Set(payload),
+                created_at: Set(now),
+                published_at: Set(None),
+                ..Default::default()
+            }
+        })
+        .collect();
+    for chunk in rows.chunks(1000) {
+        entity::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(db)
+            .await?;
+    }
+    Ok(ids)
+}
+
 /// The migration that creates the outbox; each service lists it in its own migrator.
 pub mod migration {
     use sea_orm_migration::prelude::*;

@@ -19,6 +19,8 @@ use tonic_health::server::HealthReporter;
 pub use healthcode_telemetry::ServerTraceLayer;
 pub use tonic_health;
 
+pub mod outbound;
+
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// `LISTEN_ADDR`; port 0 picks a free port (tests, the single-process mesh).

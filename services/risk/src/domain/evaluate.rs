@@ -187,7 +187,9 @@ fn triggers(rule: &Rule, facts: &Facts, now: Time, next_change: &mut Vec<Time>) 
             .iter()
             .filter(|t| t.result as i32 == c.result)
             .filter(|t| t.recorded_at.max(t.reported_at) - t.sampled_at <= within(&c.within))
-            .map(|t| plain(t.sampled_at, t.recorded_at.max(t.reported_at)))
+            // Assigned when the laboratory reported it, not when the result reached this
+            // service: a retest sampled after the report clears it even when delivery lagged.
+            .map(|t| plain(t.sampled_at, t.reported_at))
             .collect(),
         Some(Condition::Test(c)) => {
             // "No such result within `within`": holds from the moment the last one ages out.

@@ -121,9 +121,21 @@ async fn institution(mesh: &Mesh, licence: &str, price: i64) -> pb::Institution 
         .into_inner()
 }
 
-/// One slot of `capacity` starting in an hour.
+/// One slot of `capacity` starting `hours_ahead` hours from now.
 async fn open_slot(mesh: &Mesh, institution_id: &str, capacity: u32, hours_ahead: i64) -> pb::Slot {
     let start = chrono::Utc::now().timestamp() + hours_ahead * 3600;
+    slot_at(mesh, institution_id, capacity, start).await
+}
+
+/// Tomorrow at `hour` o'clock, local time (UTC+8), in Unix seconds.
+fn tomorrow_at(hour: i64) -> i64 {
+    let local = chrono::Utc::now().timestamp() + 8 * 3600;
+    let midnight = local - local.rem_euclid(86_400) + 86_400;
+    midnight + hour * 3600 - 8 * 3600
+}
+
+/// One slot of `capacity` starting at `start` (Unix seconds), half an hour long.
+async fn slot_at(mesh: &Mesh, institution_id: &str, capacity: u32, start: i64) -> pb::Slot {
     mesh.testing_client()
         .await
         .set_slots(authorized(
@@ -213,8 +225,10 @@ async fn booking_race(backend: Backend, bookers: usize, places: u32) {
         i64::from(places)
     );
 
-    // One open booking per person per day; a retry returns the first answer.
-    let other = slot_on_same_day(&mesh, &site.institution_id).await;
+    // One open booking per person per day (two open slots of tomorrow); a retry returns
+    // the first answer.
+    let other = slot_at(&mesh, &site.institution_id, 5, tomorrow_at(9)).await;
+    let later = slot_at(&mesh, &site.institution_id, 5, tomorrow_at(15)).await;
     let someone = rid();
     let request = rid();
     let first = book(&mesh, &someone, &other.slot_id, &request)
@@ -224,16 +238,16 @@ async fn booking_race(backend: Backend, bookers: usize, places: u32) {
         .await
         .expect("retry");
     assert_eq!(first, again);
-    let second = book(&mesh, &someone, &slot.slot_id, &rid())
+    let second = book(&mesh, &someone, &later.slot_id, &rid())
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            second.code(),
-            Code::AlreadyExists | Code::FailedPrecondition
-        ),
-        "{second:?}"
-    );
+    assert_eq!(second.code(), Code::AlreadyExists, "{second:?}");
+    assert_eq!(reason(&second), "OPEN_BOOKING_THAT_DAY");
+    // Another day is fine.
+    let next_day = slot_at(&mesh, &site.institution_id, 5, tomorrow_at(9) + 86_400).await;
+    book(&mesh, &someone, &next_day.slot_id, &rid())
+        .await
+        .expect("another day");
     // Cancelling frees the place, and the person may book that day again.
     let cancelled = mesh
         .testing_client()
@@ -251,14 +265,10 @@ async fn booking_race(backend: Backend, bookers: usize, places: u32) {
         .into_inner();
     assert_eq!(cancelled.state, BookingState::Cancelled as i32);
     assert_eq!(cancelled.slot.expect("slot").booked, 0);
-    book(&mesh, &someone, &other.slot_id, &rid())
+    book(&mesh, &someone, &later.slot_id, &rid())
         .await
-        .expect("book again");
+        .expect("book that day again");
     mesh.stop().await;
-}
-
-async fn slot_on_same_day(mesh: &Mesh, institution_id: &str) -> pb::Slot {
-    open_slot(mesh, institution_id, 5, 3).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -576,8 +586,31 @@ async fn a_positive_pool_turns_members_yellow_and_the_retest_decides_each() {
     for id in members.iter().chain([&bystander]) {
         shows(&mesh, id, CodeColor::Green).await;
     }
-    // Pool 1 (the three members) is positive; pool 2 (the bystander and one member of
-    // pool 1 sampled earlier) is negative.
+    // Member 2 had a negative single tube before the pool.
+    let earlier = format!("E{}", &rid()[..10]);
+    sample(
+        &mesh,
+        &site.institution_id,
+        &earlier,
+        SampleKind::SingleTube,
+        std::slice::from_ref(&members[2]),
+        at(-6 * 3600),
+    )
+    .await;
+    let up = upload(
+        &mesh,
+        &t.lab,
+        vec![result(
+            &earlier,
+            NucleicAcidResult::Negative,
+            -6 * 3600,
+            -5 * 3600,
+        )],
+    )
+    .await;
+    assert_eq!(up.accepted, 1, "{up:?}");
+    // Pool 1 (the three members) is positive; pool 2 (the bystander and someone else) is
+    // negative.
     let pool = format!("T{}", &rid()[..10]);
     let clean = format!("T{}", &rid()[..10]);
     sample(
@@ -645,7 +678,45 @@ async fn a_positive_pool_turns_members_yellow_and_the_retest_decides_each() {
     expected.sort();
     assert_eq!(told, expected);
 
-    // The negative certificate waits for the retest.
+    // Member 2's earlier negative certifies nothing while the pool waits for its retest.
+    let reports = mesh
+        .testing_client()
+        .await
+        .list_my_reports(authorized(
+            pb::ListMyReportsRequest {
+                person: person(&members[2]),
+                ..Default::default()
+            },
+            &t.app,
+        ))
+        .await
+        .expect("reports")
+        .into_inner()
+        .reports;
+    assert_eq!(
+        reports[0].result,
+        NucleicAcidResult::PoolPositive as i32,
+        "newest first"
+    );
+    let earlier_report = reports
+        .iter()
+        .find(|r| r.tube_id == earlier)
+        .expect("earlier");
+    let waiting = mesh
+        .testing_client()
+        .await
+        .issue_negative_certificate(authorized(
+            pb::IssueNegativeCertificateRequest {
+                person: person(&members[2]),
+                report_id: earlier_report.report_id.clone(),
+                include_qr_svg: false,
+            },
+            &t.app,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&waiting), "RETEST_PENDING");
+    // Member 0 has no negative yet.
     let pending = mesh
         .testing_client()
         .await

@@ -20,7 +20,6 @@ use prost::Message;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -34,6 +33,8 @@ pub struct NewSample<'a> {
     pub kind: SampleKind,
     pub persons: Vec<String>,
     pub sampled_at: DateTime<Utc>,
+    /// False when the institution left the time out and `sampled_at` is the recording time.
+    pub sampled_at_given: bool,
 }
 
 fn item_error(
@@ -234,12 +235,13 @@ impl Testing {
             _ => {}
         }
         let now = Utc::now();
-        let txn = self.db.begin().await.map_err(db_error)?;
+        let txn = self.begin_write().await?;
         let inserted = sample::Entity::insert(sample::ActiveModel {
             tube_id: Set(s.tube_id.to_owned()),
             institution_id: Set(s.institution_id.to_owned()),
             kind: Set(s.kind as i32),
             sampled_at: Set(s.sampled_at),
+            sampled_at_given: Set(s.sampled_at_given),
             recorded_at: Set(now),
         })
         .exec_without_returning(&txn)
@@ -250,19 +252,22 @@ impl Testing {
                 if let Some(done) = self.replay(&key).await? {
                     return Ok(done);
                 }
-                return Err(ServiceError::AlreadyExists(
-                    "the tube barcode is known".into(),
+                return Err(ServiceError::conflict(
+                    "TUBE_KNOWN",
+                    "the tube barcode is known",
                 ));
             }
             other => {
                 other.map_err(db_error)?;
             }
         }
-        // Each person's confirmed booking at this institution, the earliest slot first.
+        // Each person's confirmed booking at this institution for the day of the sample
+        // (at most one: open bookings are unique per person and day).
         let open = booking::Entity::find()
             .filter(booking::Column::PersonId.is_in(s.persons.iter().cloned()))
             .filter(booking::Column::InstitutionId.eq(s.institution_id))
             .filter(booking::Column::State.eq(BookingState::Confirmed as i32))
+            .filter(booking::Column::OpenDay.eq(crate::service::local_day(s.sampled_at)))
             .order_by_asc(booking::Column::CreatedAt)
             .all(&txn)
             .await
@@ -284,6 +289,7 @@ impl Testing {
                 )
                 .col_expr(booking::Column::UpdatedAt, Expr::value(now))
                 .filter(booking::Column::BookingId.is_in(booking_ids.clone()))
+                .filter(booking::Column::State.eq(BookingState::Confirmed as i32))
                 .exec(&txn)
                 .await
                 .map_err(db_error)?;
@@ -412,7 +418,7 @@ impl Testing {
                 ));
                 continue;
             };
-            if minute(sample.sampled_at) != c.sampled_at {
+            if sample.sampled_at_given && minute(sample.sampled_at) != c.sampled_at {
                 errors.push(reject(
                     tonic::Code::FailedPrecondition,
                     "SAMPLED_AT_MISMATCH",
@@ -500,8 +506,8 @@ impl Testing {
             .filter(|r| r.result != NucleicAcidResult::Invalid as i32)
             .map(|r| r.person_id.clone())
             .collect();
-        let txn = self.db.begin().await.map_err(db_error)?;
-        let mut answered = Vec::new();
+        let txn = self.begin_write().await?;
+        let mut answered: Vec<retest_notice::Model> = Vec::new();
         for chunk in single.chunks(1000) {
             let waiting = retest_notice::Entity::find()
                 .filter(retest_notice::Column::PersonId.is_in(chunk.iter().cloned()))
@@ -514,6 +520,19 @@ impl Testing {
                 .await
                 .map_err(db_error)?;
             answered.extend(waiting);
+        }
+        // When each waiting person's positive pool was sampled: a retest comes after it.
+        let mut pooled_at: HashMap<String, DateTime<Utc>> = HashMap::new();
+        let pool_reports: Vec<String> = answered.iter().map(|n| n.pool_report_id.clone()).collect();
+        for chunk in pool_reports.chunks(1000) {
+            for r in report::Entity::find()
+                .filter(report::Column::ReportId.is_in(chunk.iter().cloned()))
+                .all(&txn)
+                .await
+                .map_err(db_error)?
+            {
+                pooled_at.insert(r.report_id, r.sampled_at);
+            }
         }
         let write = async {
             for chunk in result_rows.chunks(1000) {
@@ -534,10 +553,14 @@ impl Testing {
                 .await?;
             }
             for n in &answered {
+                let Some(pooled) = pooled_at.get(&n.pool_report_id) else {
+                    continue;
+                };
                 let Some(retest) = reports.iter().find(|r| {
                     r.person_id == n.person_id
                         && r.sample_kind == SampleKind::SingleTube as i32
-                        && r.sampled_at >= minute(n.notified_at) - chrono::Duration::days(1)
+                        && r.result != NucleicAcidResult::Invalid as i32
+                        && r.sampled_at > *pooled
                 }) else {
                     continue;
                 };
@@ -551,6 +574,7 @@ impl Testing {
                         Expr::value(retest.report_id.clone()),
                     )
                     .filter(retest_notice::Column::NoticeId.eq(n.notice_id.clone()))
+                    .filter(retest_notice::Column::State.eq(n.state))
                     .exec(&txn)
                     .await?;
             }

@@ -569,6 +569,7 @@ impl TestingService for TestingRpc {
             persons.push(id);
         }
         let now = Utc::now();
+        let sampled_at_given = req.sampled_at.is_some();
         let sampled_at = match &req.sampled_at {
             None => now,
             Some(_) => match from_ts(&req.sampled_at) {
@@ -589,6 +590,7 @@ impl TestingService for TestingRpc {
                 kind,
                 persons,
                 sampled_at: minute(sampled_at),
+                sampled_at_given,
             })
             .await)
     }
@@ -613,10 +615,10 @@ impl TestingService for TestingRpc {
                 tonic::Code::InvalidArgument => {
                     ServiceError::invalid("result", format!("{}: {}", e.reason, e.message))
                 }
-                tonic::Code::NotFound => ServiceError::NotFound(e.message.clone()),
-                tonic::Code::AlreadyExists => {
-                    ServiceError::AlreadyExists(format!("{}: {}", e.reason, e.message))
+                tonic::Code::NotFound => {
+                    ServiceError::NotFound(format!("{}: {}", e.reason, e.message))
                 }
+                tonic::Code::AlreadyExists => ServiceError::conflict(&e.reason, &e.message),
                 _ => ServiceError::precondition(&e.reason, &e.message),
             };
             return Err(st(err));

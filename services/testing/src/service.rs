@@ -20,8 +20,8 @@ use pb::{BookingState, PaymentOutcome, PaymentState, RetestNoticeState, SampleKi
 use prost::Message;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -96,8 +96,10 @@ pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// A time stamp between 1970 and the end of 9999, or None: arithmetic on it cannot overflow.
 pub fn from_ts(t: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     t.as_ref()
+        .filter(|t| (0..=253_402_300_799).contains(&t.seconds))
         .and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))
 }
 
@@ -218,6 +220,19 @@ impl Testing {
         &self.db
     }
 
+    /// A transaction that will write. On SQLite it takes the write lock first: a deferred
+    /// transaction that reads and then writes fails with "busy" when another connection
+    /// committed in between.
+    pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, ServiceError> {
+        let txn = self.db.begin().await.map_err(db_error)?;
+        if txn.get_database_backend() == sea_orm::DbBackend::Sqlite {
+            txn.execute_unprepared("UPDATE replies SET key = key WHERE 1 = 0")
+                .await
+                .map_err(db_error)?;
+        }
+        Ok(txn)
+    }
+
     pub(crate) async fn replay<M: Message + Default>(
         &self,
         key: &str,
@@ -265,7 +280,7 @@ impl Testing {
         if institution.pool_size == 0 {
             institution.pool_size = DEFAULT_POOL_SIZE;
         }
-        let txn = self.db.begin().await.map_err(db_error)?;
+        let txn = self.begin_write().await?;
         let inserted = institution_row(&institution).insert(&txn).await;
         match inserted {
             Err(err) if is_unique_violation(&err) => {
@@ -273,8 +288,9 @@ impl Testing {
                 if let Some(done) = self.replay(&key).await? {
                     return Ok(done);
                 }
-                return Err(ServiceError::AlreadyExists(
-                    "an institution with this licence number is registered".into(),
+                return Err(ServiceError::conflict(
+                    "LICENCE_REGISTERED",
+                    "an institution with this licence number is registered",
                 ));
             }
             other => {
@@ -328,7 +344,7 @@ impl Testing {
                 "an institution may change only its own details".into(),
             ));
         }
-        let txn = self.db.begin().await.map_err(db_error)?;
+        let txn = self.begin_write().await?;
         let row = institution::Entity::find_by_id(changes.institution_id.clone())
             .one(&txn)
             .await
@@ -353,9 +369,28 @@ impl Testing {
                 _ => {}
             }
         }
-        let mut active: institution::ActiveModel = institution_row(&current);
-        active.licence_number = sea_orm::ActiveValue::Unchanged(row.licence_number);
-        active.update(&txn).await.map_err(db_error)?;
+        if current.pool_size == 0 {
+            current.pool_size = DEFAULT_POOL_SIZE;
+        }
+        // Compare-and-set on the version read: of two concurrent updates one wins and the
+        // other is told to retry, rather than silently undoing the first.
+        let done = institution::Entity::update_many()
+            .col_expr(
+                institution::Column::Payload,
+                Expr::value(current.encode_to_vec()),
+            )
+            .col_expr(institution::Column::Active, Expr::value(current.active))
+            .col_expr(institution::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(institution::Column::InstitutionId.eq(row.institution_id.clone()))
+            .filter(institution::Column::UpdatedAt.eq(row.updated_at))
+            .exec(&txn)
+            .await
+            .map_err(db_error)?;
+        if done.rows_affected == 0 {
+            return Err(ServiceError::Unavailable(
+                "the institution changed meanwhile; retry".into(),
+            ));
+        }
         txn.commit().await.map_err(db_error)?;
         Ok(current)
     }
@@ -388,7 +423,7 @@ impl Testing {
         ) else {
             return Ok(pb::SetSlotsResponse::default());
         };
-        let txn = self.db.begin().await.map_err(db_error)?;
+        let txn = self.begin_write().await?;
         let existing = slot::Entity::find()
             .filter(slot::Column::InstitutionId.eq(institution_id))
             .filter(slot::Column::StartsAt.lt(last))
@@ -451,18 +486,33 @@ impl Testing {
             ));
         }
         if !replaced.is_empty() {
-            slot::Entity::delete_many()
+            let deleted = slot::Entity::delete_many()
                 .filter(slot::Column::SlotId.is_in(replaced.iter().map(|s| s.slot_id.clone())))
                 .filter(slot::Column::Booked.eq(0))
                 .exec(&txn)
                 .await
                 .map_err(db_error)?;
+            if deleted.rows_affected != replaced.len() as u64 {
+                return Err(precondition(
+                    "CAPACITY_BELOW_BOOKINGS",
+                    "a replaced slot was booked meanwhile",
+                ));
+            }
         }
         for chunk in inserts.chunks(500) {
-            slot::Entity::insert_many(chunk.to_vec())
+            let inserted = slot::Entity::insert_many(chunk.to_vec())
                 .exec_without_returning(&txn)
-                .await
-                .map_err(db_error)?;
+                .await;
+            match inserted {
+                Err(err) if is_unique_violation(&err) => {
+                    return Err(ServiceError::Unavailable(
+                        "another change of these slots committed meanwhile; retry".into(),
+                    ));
+                }
+                other => {
+                    other.map_err(db_error)?;
+                }
+            }
         }
         slots.sort_by_key(|s| s.starts_at);
         let answer = pb::SetSlotsResponse {
@@ -657,7 +707,7 @@ impl Testing {
                 "the institution does not offer this kind of test",
             ));
         }
-        let txn = self.db.begin().await.map_err(db_error)?;
+        let txn = self.begin_write().await?;
         let price = match req.retest_notice_id {
             Some(notice_id) => {
                 let taken = retest_notice::Entity::update_many()
@@ -729,8 +779,9 @@ impl Testing {
                 if let Some(done) = self.replay(&key).await? {
                     return Ok(done);
                 }
-                return Err(ServiceError::AlreadyExists(
-                    "OPEN_BOOKING_THAT_DAY: the person already has an open booking that day".into(),
+                return Err(ServiceError::conflict(
+                    "OPEN_BOOKING_THAT_DAY",
+                    "the person already has an open booking that day",
                 ));
             }
             other => {
@@ -780,13 +831,25 @@ impl Testing {
         booking_id: &str,
         scope: BookingScope<'_>,
     ) -> Result<pb::Booking, ServiceError> {
+        // The caller's right to the booking first: a stored reply is not a way around it.
+        let b = self.booking(booking_id, scope).await?;
         let key = format!("cancel:{booking_id}:{request_id}");
         if let Some(done) = self.replay(&key).await? {
             return Ok(done);
         }
-        let b = self.booking(booking_id, scope).await?;
-        let txn = self.db.begin().await.map_err(db_error)?;
         let now = Utc::now();
+        let ended = slot::Entity::find_by_id(b.slot_id.clone())
+            .one(&self.db)
+            .await
+            .map_err(db_error)?
+            .is_none_or(|s| s.ends_at <= now);
+        if ended {
+            return Err(precondition(
+                "BOOKING_ENDED",
+                "the booking's slot has ended",
+            ));
+        }
+        let txn = self.begin_write().await?;
         let open = [
             BookingState::AwaitingPayment as i32,
             BookingState::Confirmed as i32,
@@ -962,7 +1025,7 @@ impl Testing {
             created_at: now,
             updated_at: now,
         };
-        let txn = self.db.begin().await.map_err(db_error)?;
+        let txn = self.begin_write().await?;
         let inserted = payment::Entity::insert(payment::ActiveModel::from(row.clone()))
             .exec_without_returning(&txn)
             .await;
@@ -1029,7 +1092,7 @@ impl Testing {
             ));
         }
         let now = Utc::now();
-        let txn = self.db.begin().await.map_err(db_error)?;
+        let txn = self.begin_write().await?;
         let p = payment::Entity::find_by_id(notice.payment_id.clone())
             .one(&txn)
             .await
@@ -1111,16 +1174,31 @@ impl Testing {
             (_, current) => current,
         };
         if next as i32 != p.state {
-            let mut active: payment::ActiveModel = p.clone().into();
-            active.state = Set(next as i32);
-            active.updated_at = Set(now);
+            let mut update = payment::Entity::update_many()
+                .col_expr(payment::Column::State, Expr::value(next as i32))
+                .col_expr(payment::Column::UpdatedAt, Expr::value(now))
+                .filter(payment::Column::PaymentId.eq(p.payment_id.clone()))
+                // Only from the state this decision read: a concurrent notification that
+                // moved it first makes this one roll back and be retried by the provider.
+                .filter(payment::Column::State.eq(p.state));
             if !notice.provider_transaction_id.is_empty() {
-                active.provider_transaction_id = Set(notice.provider_transaction_id.clone());
+                update = update.col_expr(
+                    payment::Column::ProviderTransactionId,
+                    Expr::value(notice.provider_transaction_id.clone()),
+                );
             }
             if outcome == PaymentOutcome::Declined {
-                active.decline_reason = Set(notice.decline_reason.chars().take(128).collect());
+                update = update.col_expr(
+                    payment::Column::DeclineReason,
+                    Expr::value(notice.decline_reason.chars().take(128).collect::<String>()),
+                );
             }
-            active.update(&txn).await.map_err(db_error)?;
+            if update.exec(&txn).await.map_err(db_error)?.rows_affected == 0 {
+                txn.rollback().await.map_err(db_error)?;
+                return Err(ServiceError::Unavailable(
+                    "another notification of this payment is being handled; retry".into(),
+                ));
+            }
         }
         txn.commit().await.map_err(db_error)?;
         Ok(pb::HandlePaymentCallbackResponse {
@@ -1142,7 +1220,7 @@ impl Testing {
             .map_err(db_error)?;
         let mut expired = 0;
         for b in due {
-            let txn = self.db.begin().await.map_err(db_error)?;
+            let txn = self.begin_write().await?;
             let done = booking::Entity::update_many()
                 .col_expr(
                     booking::Column::State,

@@ -126,6 +126,9 @@ pub mod entities {
             pub institution_id: String,
             pub kind: i32,
             pub sampled_at: DateTimeUtc,
+            /// Whether the institution gave the sampling time (else it is the recording
+            /// time, and a laboratory's own sampling time is not checked against it).
+            pub sampled_at_given: bool,
             pub recorded_at: DateTimeUtc,
         }
         #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -372,6 +375,7 @@ impl MigrationTrait for CreateTesting {
                 .col(id("institution_id"))
                 .col(col("kind").integer())
                 .col(time("sampled_at"))
+                .col(col("sampled_at_given").boolean())
                 .col(time("recorded_at"))
                 .to_owned(),
             t("sample_members")
@@ -438,11 +442,12 @@ impl MigrationTrait for CreateTesting {
         }
         let indexes: [(&str, &str, &[&str], bool); 10] = [
             ("institutions", "institutions_lat", &["lat", "lng"], false),
+            // One slot per window start: concurrent SetSlots cannot both add a window.
             (
                 "slots",
                 "slots_institution",
                 &["institution_id", "starts_at"],
-                false,
+                true,
             ),
             ("slots", "slots_start", &["starts_at"], false),
             // NULLs are distinct on both backends: only open bookings collide.

@@ -27,6 +27,9 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// ALREADY_EXISTS with a stable machine-readable `reason` (e.g. `OPEN_BOOKING_THAT_DAY`).
+    #[error("{message}")]
+    Conflict { reason: String, message: String },
     /// The request is well-formed but the state does not allow it. `reason` is a stable
     /// machine-readable code (e.g. `PHONE_CODE_EXPIRED`).
     #[error("{message}")]
@@ -70,6 +73,13 @@ impl ServiceError {
         }
     }
 
+    pub fn conflict(reason: impl Into<String>, message: impl Into<String>) -> Self {
+        ServiceError::Conflict {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
     pub fn internal(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         ServiceError::Internal(err.into())
     }
@@ -78,7 +88,7 @@ impl ServiceError {
         match self {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
             ServiceError::NotFound(_) => Code::NotFound,
-            ServiceError::AlreadyExists(_) => Code::AlreadyExists,
+            ServiceError::AlreadyExists(_) | ServiceError::Conflict { .. } => Code::AlreadyExists,
             ServiceError::FailedPrecondition { .. } => Code::FailedPrecondition,
             ServiceError::PermissionDenied(_) => Code::PermissionDenied,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
@@ -144,7 +154,8 @@ impl From<ServiceError> for tonic::Status {
                 }
                 tonic::Status::with_error_details(code, message, details)
             }
-            ServiceError::FailedPrecondition { reason, message } => {
+            ServiceError::FailedPrecondition { reason, message }
+            | ServiceError::Conflict { reason, message } => {
                 let details = ErrorDetails::with_error_info(
                     reason,
                     ERROR_DOMAIN,

@@ -14,3 +14,4 @@ pub mod baselines;
 pub mod gateway;
 pub mod load;
 pub mod report;
+pub mod testing;

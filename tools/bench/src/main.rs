@@ -35,6 +35,28 @@ enum Scenario {
     /// The gateway's show my code, verify a scan, batch check and p99 at half load, against
     /// the whole mesh on PostgreSQL and Redis, with the baselines measured in the same run.
     Gateway(GatewayArgs),
+    /// The testing service: results ingested in batches beside a bare PostgreSQL insert,
+    /// bookings on hot slots beside the echo, and "near me" over a seeded province.
+    Testing(TestingArgs),
+}
+
+#[derive(Debug, Args)]
+struct TestingArgs {
+    #[command(flatten)]
+    run: RunOptions,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Results per UploadResults call.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// UploadResults calls (the ingest run is this many batches).
+    #[arg(long, default_value_t = 40)]
+    batches: usize,
+    /// Institutions seeded for the search.
+    #[arg(long, default_value_t = 3000)]
+    institutions: usize,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Baselines(args) => run_baselines(args).await,
         Scenario::Gateway(args) => run_gateway(args).await,
+        Scenario::Testing(args) => run_testing(args).await,
     }
 }
 
@@ -199,6 +222,31 @@ async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     }
     println!("{block}");
     report::write_block(&run.out, &Markers::named("gateway"), &block)
+        .with_context(|| format!("writing {}", run.out.display()))?;
+    Ok(())
+}
+
+async fn run_testing(args: TestingArgs) -> anyhow::Result<()> {
+    let info = RunInfo::collect();
+    let run = &args.run;
+    let results = hc_bench::testing::run(hc_bench::testing::TestingRun {
+        concurrency: run.concurrency,
+        warmup: run.warmup(),
+        duration: run.duration(),
+        connections: args.connections.max(1),
+        redis_url: args.redis_url.clone(),
+        batch: args.batch.clamp(1, 5_000),
+        batches: args.batches.max(1),
+        institutions: args.institutions.max(1),
+    })
+    .await?;
+    let mut block = report::render_block("Testing", &info, &results.rows);
+    block.push_str("\n| comparison | ratio | figures |\n|---|---|---|\n");
+    for (name, ratio, figures) in &results.targets {
+        block.push_str(&format!("| {name} | {ratio:.2} | {figures} |\n"));
+    }
+    println!("{block}");
+    report::write_block(&run.out, &Markers::named("testing"), &block)
         .with_context(|| format!("writing {}", run.out.display()))?;
     Ok(())
 }

@@ -132,3 +132,43 @@ pub async fn drop_test_database(url: &str) {
         db.close().await.ok();
     }
 }
+
+/// The fields named by an INVALID_ARGUMENT status, sorted.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let mut fields: Vec<String> = status
+        .get_error_details()
+        .bad_request()
+        .expect("field violations")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// The machine-readable reason of a status (its ErrorInfo), or empty.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+/// The one number a `SELECT COUNT(*) ...` returns.
+pub async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::ConnectionTrait;
+    db.query_one_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        sql,
+    ))
+    .await
+    .expect("count query")
+    .expect("one row")
+    .try_get_by_index::<i64>(0)
+    .expect("a count")
+}

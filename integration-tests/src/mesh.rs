@@ -11,6 +11,7 @@ use healthcode_proto::identity::v1 as id;
 use healthcode_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use healthcode_proto::risk::v1::risk_service_client::RiskServiceClient;
 use healthcode_proto::testing::v1::testing_service_client::TestingServiceClient;
+use healthcode_proto::vaccination::v1::vaccination_service_client::VaccinationServiceClient;
 use identity::providers::{LocalSms, Providers};
 use std::sync::Arc;
 use testing::notify::LocalNotifier;
@@ -24,6 +25,7 @@ pub struct Mesh {
     pub risk: risk::Application,
     pub gateway: gateway::Application,
     pub testing: testing::Application,
+    pub vaccination: vaccination::Application,
     /// The testing service's sandbox payment provider and its notifier, as it sees them.
     pub sandbox: Arc<SandboxProvider>,
     pub notifier: Arc<LocalNotifier>,
@@ -102,6 +104,7 @@ impl Mesh {
             database(backend).await,
             database(backend).await,
             database(backend).await,
+            database(backend).await,
         ];
         let mut identity_env = base(databases[0].clone()).with("PROVIDERS", "local");
         for (k, v) in identity::config::generate_dev_secrets().expect("secrets") {
@@ -175,11 +178,32 @@ impl Mesh {
         )
         .await
         .expect("testing starts");
+        let mut vaccination_env = base(databases[4].clone())
+            .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
+            .with(
+                "SERVICE_TOKEN",
+                keys.token("vaccination", &[roles::INTERNAL, roles::FULL_VIEW]),
+            );
+        for (k, v) in
+            vaccination::config::generate_dev_secrets(chrono::Utc::now()).expect("secrets")
+        {
+            if extra.iter().all(|(name, _)| *name != k) {
+                vaccination_env = vaccination_env.with(k, v);
+            }
+        }
+        let vaccination = vaccination::Application::build(
+            vaccination::config::VaccinationConfig::from_env(&vaccination_env)
+                .expect("vaccination config"),
+            backends.clone(),
+        )
+        .await
+        .expect("vaccination starts");
         Mesh {
             identity,
             risk,
             gateway,
             testing,
+            vaccination,
             sandbox,
             notifier,
             keys,
@@ -192,6 +216,7 @@ impl Mesh {
     }
 
     pub async fn stop(self) {
+        self.vaccination.shutdown().await;
         self.testing.shutdown().await;
         self.gateway.shutdown().await;
         self.risk.shutdown().await;
@@ -219,6 +244,12 @@ impl Mesh {
             .expect("connect testing")
     }
 
+    pub async fn vaccination_client(&self) -> VaccinationServiceClient<Channel> {
+        VaccinationServiceClient::connect(format!("http://{}", self.vaccination.local_addr()))
+            .await
+            .expect("connect vaccination")
+    }
+
     pub async fn identity_client(&self) -> IdentityServiceClient<Channel> {
         IdentityServiceClient::connect(format!("http://{}", self.identity.local_addr()))
             .await
@@ -227,6 +258,11 @@ impl Mesh {
 
     /// Registers person `n` and walks the identity, phone and face steps: a verified person.
     pub async fn verified_person(&self, n: u32) -> String {
+        self.verified_person_named(n, "").await
+    }
+
+    /// A verified person with a name in Latin letters (empty for none).
+    pub async fn verified_person_named(&self, n: u32, english_name: &str) -> String {
         let mut client = self.identity_client().await;
         let token = self.keys.app();
         let person_id = client
@@ -239,6 +275,7 @@ impl Mesh {
                         issuing_country: String::new(),
                     }),
                     name: "王小二".into(),
+                    english_name: english_name.into(),
                     ..Default::default()
                 },
                 &token,

@@ -11,7 +11,7 @@ use healthcode_proto::common::v1::{CodeColor, GeoPoint, PageRequest, PersonRef};
 use healthcode_proto::gateway::v1 as gw;
 use healthcode_proto::risk::v1 as rk;
 use integration_tests::mesh::Mesh;
-use integration_tests::{Backend, authorized};
+use integration_tests::{Backend, authorized, bad_fields};
 use prost::Message;
 use sea_orm::{ConnectionTrait, Statement};
 use std::time::Duration;
@@ -133,21 +133,6 @@ async fn check_records(mesh: &Mesh, id: &str) -> Vec<gw::CheckRecord> {
         .expect("list check records")
         .into_inner()
         .records
-}
-
-/// The fields named by the field violations of an INVALID_ARGUMENT, sorted.
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let mut fields: Vec<String> = status
-        .get_error_details()
-        .bad_request()
-        .expect("field violations")
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
-    fields.sort();
-    fields
 }
 
 fn reason(status: &tonic::Status) -> String {

@@ -8,12 +8,11 @@ use healthcode_proto::common::v1::{CodeColor, GeoPoint, NucleicAcidResult, Perso
 use healthcode_proto::gateway::v1 as gw;
 use healthcode_proto::testing::v1 as pb;
 use integration_tests::mesh::Mesh;
-use integration_tests::{Backend, authorized};
+use integration_tests::{Backend, authorized, bad_fields, count, reason};
 use pb::{BookingState, PaymentOutcome, PaymentProvider, PaymentState, SampleKind};
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use sea_orm::ConnectionTrait;
 use std::time::Duration;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 fn person(id: &str) -> Option<PersonRef> {
     Some(PersonRef {
@@ -31,37 +30,6 @@ fn at(offset_seconds: i64) -> Option<prost_types::Timestamp> {
         seconds: now - now.rem_euclid(60),
         nanos: 0,
     })
-}
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let mut fields: Vec<String> = status
-        .get_error_details()
-        .bad_request()
-        .expect("field violations")
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
-    fields.sort();
-    fields
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
-
-async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
-    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .expect("count query")
-        .expect("one row")
-        .try_get_by_index::<i64>(0)
-        .expect("a count")
 }
 
 struct Tokens {

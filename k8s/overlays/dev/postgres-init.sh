@@ -15,3 +15,4 @@ SQL
 create_service_database risk "$RISK_DB_PASSWORD"
 create_service_database gateway "$GATEWAY_DB_PASSWORD"
 create_service_database testing "$TESTING_DB_PASSWORD"
+create_service_database vaccination "$VACCINATION_DB_PASSWORD"

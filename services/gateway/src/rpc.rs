@@ -8,7 +8,7 @@ use healthcode_crypto::VerifyingKey;
 use healthcode_errors::fields::{self, request_id, text};
 use healthcode_errors::{ServiceError, Violations};
 use healthcode_proto::common::v1::{
-    CodeColor, GetPublicKeysRequest, GetPublicKeysResponse, ItemError, PersonRef, PublicKey,
+    CodeColor, GetPublicKeysRequest, GetPublicKeysResponse, ItemError, PersonRef,
 };
 use healthcode_proto::gateway::v1 as pb;
 use healthcode_proto::risk::v1::ListColorHistoryRequest;
@@ -691,26 +691,8 @@ impl GatewayService for GatewayRpc {
         &self,
         _request: Request<GetPublicKeysRequest>,
     ) -> Result<Response<GetPublicKeysResponse>, Status> {
-        let active = self.gateway.signer.signing_key().verifying_key();
-        let mut keys = vec![active.clone()];
-        keys.extend(
-            self.gateway
-                .keys
-                .iter()
-                .filter(|k| k.key_id() != active.key_id())
-                .cloned(),
-        );
-        let keys = keys
-            .into_iter()
-            .map(|k| PublicKey {
-                key_id: k.key_id().to_owned(),
-                algorithm: "SM2".into(),
-                public_key_sec1: k.sec1_bytes(),
-                public_key_pem: k.to_pem().unwrap_or_default(),
-                not_before: None,
-                not_after: None,
-            })
-            .collect();
+        let keys =
+            healthcode_codes::public_keys(self.gateway.signer.signing_key(), &self.gateway.keys);
         Ok(Response::new(GetPublicKeysResponse { keys }))
     }
 }

@@ -38,6 +38,8 @@ enum Command {
         gateway_port: u16,
         #[arg(long, env = "TESTING_PORT", default_value_t = 50053)]
         testing_port: u16,
+        #[arg(long, env = "VACCINATION_PORT", default_value_t = 50054)]
+        vaccination_port: u16,
     },
     /// Loads a realistic set of testing institutions with slots into the testing service's
     /// database (`DATABASE_URL`, or the embedded default's file in the data directory).
@@ -150,6 +152,14 @@ fn dev_secrets(data_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
         }
         added = true;
     }
+    if !entries.contains_key("VACCINATION_SIGNING_KEY") {
+        for (k, v) in vaccination::config::generate_dev_secrets(chrono::Utc::now())
+            .map_err(|e| anyhow::anyhow!("vaccination secrets: {e}"))?
+        {
+            entries.insert(format!("VACCINATION_{k}"), v);
+        }
+        added = true;
+    }
     if added {
         if path.exists() {
             std::fs::remove_file(&path)?;
@@ -181,7 +191,11 @@ fn shared_env(secrets: &BTreeMap<String, String>, issuer: &TokenIssuer) -> Env {
     let process = Env::from_process();
     let mut env = process.clone();
     for (k, v) in secrets {
-        if process.raw(k).is_none() && !k.starts_with("GATEWAY_") && !k.starts_with("TESTING_") {
+        if process.raw(k).is_none()
+            && !["GATEWAY_", "TESTING_", "VACCINATION_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+        {
             env = env.with(k.clone(), v.clone());
         }
     }
@@ -217,6 +231,7 @@ struct Ports {
     risk: u16,
     gateway: u16,
     testing: u16,
+    vaccination: u16,
 }
 
 /// The `PREFIX_`-named development secrets, without their prefix.
@@ -315,7 +330,7 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     }
     let testing = testing::Application::build(
         testing_config,
-        backends,
+        backends.clone(),
         testing::Externals {
             providers,
             notifier: std::sync::Arc::new(testing::notify::LocalNotifier::default()),
@@ -323,6 +338,29 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     )
     .await
     .context("starting testing")?;
+
+    let vaccination_env = service_env(
+        &base,
+        &data_dir,
+        "vaccination",
+        format!("{host}:{}", ports.vaccination),
+    )
+    .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
+    .with(
+        "SERVICE_TOKEN",
+        issuer.mint(
+            "vaccination",
+            &[roles::INTERNAL, roles::FULL_VIEW],
+            now(),
+            30 * 24 * 3600,
+        )?,
+    );
+    let vaccination_env = prefixed(vaccination_env, &secrets, "VACCINATION_");
+    let vaccination_config = vaccination::config::VaccinationConfig::from_env(&vaccination_env)
+        .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
+    let vaccination = vaccination::Application::build(vaccination_config, backends)
+        .await
+        .context("starting vaccination")?;
     let token = issuer.mint("healthcode-up", roles::ALL, now(), 24 * 3600)?;
 
     println!(
@@ -333,6 +371,7 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     println!("  identity  {}", identity.local_addr());
     println!("  risk      {}", risk.local_addr());
     println!("  testing   {}", testing.local_addr());
+    println!("  vaccination {}", vaccination.local_addr());
     println!();
     println!("development caller token (all roles, 24 h):");
     println!("  {token}");
@@ -342,6 +381,7 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     println!("press Ctrl-C to stop");
 
     healthcode_server::shutdown_signal().await;
+    vaccination.shutdown().await;
     testing.shutdown().await;
     gateway.shutdown().await;
     risk.shutdown().await;
@@ -391,6 +431,7 @@ fn main() -> anyhow::Result<()> {
             risk_port,
             gateway_port,
             testing_port,
+            vaccination_port,
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
             let ports = Ports {
@@ -398,6 +439,7 @@ fn main() -> anyhow::Result<()> {
                 risk: risk_port,
                 gateway: gateway_port,
                 testing: testing_port,
+                vaccination: vaccination_port,
             };
             runtime.block_on(up(data_dir, host, ports))
         }
@@ -458,7 +500,11 @@ fn main() -> anyhow::Result<()> {
                 "risk" => risk::config::generate_dev_secrets()?,
                 "gateway" => gateway::config::generate_dev_secrets()?,
                 "testing" => testing::config::generate_dev_secrets()?,
-                _ => bail!("unknown service `{service}`; known: identity, risk, gateway, testing"),
+                "vaccination" => vaccination::config::generate_dev_secrets(chrono::Utc::now())
+                    .map_err(|e| anyhow::anyhow!("vaccination secrets: {e}"))?,
+                _ => bail!(
+                    "unknown service `{service}`; known: identity, risk, gateway, testing, vaccination"
+                ),
             };
             for (k, v) in secrets {
                 println!("{k}={v}");

@@ -44,6 +44,11 @@ pub const VISIT_GROUP: &str = "risk-itinerary";
 pub const TEST_RESULT_TOPIC: &str = "testing.result";
 /// The consumer group that records test results.
 pub const TEST_RESULT_GROUP: &str = "risk-test-results";
+/// The vaccination service's topic of recorded doses (`RiskEvent`s with a vaccination dose,
+/// whose `event_id` is the dose id).
+pub const VACCINATION_DOSE_TOPIC: &str = "vaccination.dose";
+/// The consumer group that records vaccination doses.
+pub const VACCINATION_DOSE_GROUP: &str = "risk-vaccination-doses";
 
 /// Events another service publishes (venue visits, test results) recorded like
 /// RecordEvents: idempotent by event id, so a redelivered entry counts once.
@@ -103,6 +108,7 @@ pub struct Application {
     relay: RelayHandle,
     visits: ConsumerHandle,
     results: ConsumerHandle,
+    doses: ConsumerHandle,
     stop_jobs: watch::Sender<bool>,
     jobs: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -173,6 +179,16 @@ impl Application {
             Arc::new(EventsFromTopic::new(risk.clone(), "testing-results")),
         )
         .spawn();
+        let doses = Consumer::new(
+            backends.bus.clone(),
+            ConsumerSettings::new(
+                VACCINATION_DOSE_TOPIC,
+                VACCINATION_DOSE_GROUP,
+                &config.consumer_name,
+            ),
+            Arc::new(EventsFromTopic::new(risk.clone(), "vaccination-doses")),
+        )
+        .spawn();
         Ok(Application {
             server,
             db,
@@ -180,6 +196,7 @@ impl Application {
             relay: relay.spawn(),
             visits,
             results,
+            doses,
             stop_jobs,
             jobs,
         })
@@ -203,6 +220,7 @@ impl Application {
         self.server.shutdown().await;
         self.visits.shutdown().await;
         self.results.shutdown().await;
+        self.doses.shutdown().await;
         let _ = self.stop_jobs.send(true);
         for job in self.jobs {
             let _ = job.await;

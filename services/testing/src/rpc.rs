@@ -9,7 +9,7 @@ use healthcode_auth::{Caller, TokenVerifier, require_any, roles};
 use healthcode_errors::fields::{self, request_id, text};
 use healthcode_errors::{ServiceError, Violations};
 use healthcode_proto::common::v1::{
-    GeoPoint, GetPublicKeysRequest, GetPublicKeysResponse, PageRequest, PersonRef, PublicKey,
+    GeoPoint, GetPublicKeysRequest, GetPublicKeysResponse, PageRequest, PersonRef,
 };
 use healthcode_proto::testing::v1 as pb;
 use pb::testing_service_server::TestingService;
@@ -754,26 +754,7 @@ impl TestingService for TestingRpc {
         &self,
         _request: Request<GetPublicKeysRequest>,
     ) -> Result<Response<GetPublicKeysResponse>, Status> {
-        let active = self.testing.signing_key.verifying_key();
-        let mut keys = vec![active.clone()];
-        keys.extend(
-            self.testing
-                .keys
-                .iter()
-                .filter(|k| k.key_id() != active.key_id())
-                .cloned(),
-        );
-        let keys = keys
-            .into_iter()
-            .map(|k| PublicKey {
-                key_id: k.key_id().to_owned(),
-                algorithm: "SM2".into(),
-                public_key_sec1: k.sec1_bytes(),
-                public_key_pem: k.to_pem().unwrap_or_default(),
-                not_before: None,
-                not_after: None,
-            })
-            .collect();
+        let keys = healthcode_codes::public_keys(&self.testing.signing_key, &self.testing.keys);
         Ok(Response::new(GetPublicKeysResponse { keys }))
     }
 }

@@ -20,8 +20,8 @@ use pb::{BookingState, PaymentOutcome, PaymentState, RetestNoticeState, SampleKi
 use prost::Message;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -89,24 +89,7 @@ pub struct Testing {
     pub(crate) retest_due: chrono::Duration,
 }
 
-pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: 0,
-    }
-}
-
-/// A time stamp between 1970 and the end of 9999, or None: arithmetic on it cannot overflow.
-pub fn from_ts(t: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    t.as_ref()
-        .filter(|t| (0..=253_402_300_799).contains(&t.seconds))
-        .and_then(|t| DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32))
-}
-
-/// Seconds and below truncated: sample and result times are to the minute.
-pub fn minute(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp(t.timestamp() - t.timestamp().rem_euclid(60), 0).unwrap_or(t)
-}
+pub use healthcode_proto::time::{from_ts, minute, ts};
 
 /// The local (Asia/Shanghai, UTC+8, no daylight saving) day of an instant.
 pub fn local_day(t: DateTime<Utc>) -> String {
@@ -124,14 +107,7 @@ fn precondition(reason: &str, message: &str) -> ServiceError {
     ServiceError::precondition(reason, message)
 }
 
-/// Great-circle distance in metres.
-pub fn distance_m(a: &GeoPoint, b: &GeoPoint) -> f64 {
-    let (la1, la2) = (a.latitude.to_radians(), b.latitude.to_radians());
-    let dla = la2 - la1;
-    let dlo = (b.longitude - a.longitude).to_radians();
-    let h = (dla / 2.0).sin().powi(2) + la1.cos() * la2.cos() * (dlo / 2.0).sin().powi(2);
-    2.0 * 6_371_008.8 * h.sqrt().min(1.0).asin()
-}
+pub use healthcode_proto::geo::distance_m;
 
 pub fn slot_proto(s: &slot::Model) -> pb::Slot {
     pb::Slot {
@@ -166,16 +142,7 @@ fn payment_proto(p: &payment::Model) -> pb::Payment {
     }
 }
 
-/// A stable UUID-shaped id derived from `seed`: retries of one request name one thing.
-pub fn derived_id(seed: &str) -> String {
-    let d = healthcode_crypto::sm3_digest(seed.as_bytes());
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&d[..16]);
-    uuid::Builder::from_custom_bytes(bytes)
-        .into_uuid()
-        .hyphenated()
-        .to_string()
-}
+pub use healthcode_crypto::derived_id;
 
 pub struct NewBooking<'a> {
     pub request_id: &'a str,
@@ -224,13 +191,9 @@ impl Testing {
     /// transaction that reads and then writes fails with "busy" when another connection
     /// committed in between.
     pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, ServiceError> {
-        let txn = self.db.begin().await.map_err(db_error)?;
-        if txn.get_database_backend() == sea_orm::DbBackend::Sqlite {
-            txn.execute_unprepared("UPDATE replies SET key = key WHERE 1 = 0")
-                .await
-                .map_err(db_error)?;
-        }
-        Ok(txn)
+        healthcode_db::replies::begin_write(&self.db)
+            .await
+            .map_err(db_error)
     }
 
     pub(crate) async fn replay<M: Message + Default>(
@@ -249,17 +212,9 @@ impl Testing {
         key: &str,
         answer: M,
     ) -> Result<M, ServiceError> {
-        if !healthcode_db::replies::store(&txn, key, &answer)
+        let answer = healthcode_db::replies::commit_with(&self.db, txn, key, answer)
             .await
-            .map_err(db_error)?
-        {
-            txn.rollback().await.map_err(db_error)?;
-            return self
-                .replay(key)
-                .await?
-                .ok_or_else(|| ServiceError::internal("reply vanished"));
-        }
-        txn.commit().await.map_err(db_error)?;
+            .map_err(db_error)?;
         self.relay.wake();
         Ok(answer)
     }

@@ -277,21 +277,7 @@ impl MigrationName for CreateTesting {
     }
 }
 
-fn col(name: &str) -> ColumnDef {
-    ColumnDef::new(Alias::new(name)).not_null().to_owned()
-}
-
-fn null(name: &str) -> ColumnDef {
-    ColumnDef::new(Alias::new(name)).null().to_owned()
-}
-
-fn id(name: &str) -> ColumnDef {
-    col(name).string_len(64).to_owned()
-}
-
-fn time(name: &str) -> ColumnDef {
-    col(name).timestamp_with_time_zone().to_owned()
-}
+use healthcode_db::schema::{col, create_indexes, drop_tables, id, null, table as t, time};
 
 const TABLES: [&str; 12] = [
     "institutions",
@@ -311,11 +297,6 @@ const TABLES: [&str; 12] = [
 #[async_trait::async_trait]
 impl MigrationTrait for CreateTesting {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let t = |name: &str| {
-            let mut t = Table::create();
-            t.table(Alias::new(name)).if_not_exists();
-            t
-        };
         let tables = [
             t("institutions")
                 .col(id("institution_id").primary_key())
@@ -494,26 +475,10 @@ impl MigrationTrait for CreateTesting {
                 false,
             ),
         ];
-        for (table, name, cols, unique) in indexes {
-            let mut i = Index::create();
-            i.if_not_exists().name(name).table(Alias::new(table));
-            if unique {
-                i.unique();
-            }
-            for c in cols {
-                i.col(Alias::new(*c));
-            }
-            manager.create_index(i.to_owned()).await?;
-        }
-        Ok(())
+        create_indexes(manager, &indexes).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        for t in TABLES.iter().rev() {
-            manager
-                .drop_table(Table::drop().table(Alias::new(*t)).if_exists().to_owned())
-                .await?;
-        }
-        Ok(())
+        drop_tables(manager, &TABLES).await
     }
 }

@@ -44,6 +44,8 @@ pub mod roles {
     pub const LAB: &str = "lab";
     /// The adapter that receives a payment provider's notifications.
     pub const PAYMENT_PROVIDER: &str = "payment_provider";
+    /// Staff of one vaccination site; the token's subject is the site id.
+    pub const VACCINATION_SITE: &str = "vaccination_site";
     pub const ALL: &[&str] = &[
         APP,
         OFFICIAL,
@@ -60,6 +62,7 @@ pub mod roles {
         INSTITUTION,
         LAB,
         PAYMENT_PROVIDER,
+        VACCINATION_SITE,
     ];
 }
 

@@ -61,6 +61,32 @@ pub trait Cache: Send + Sync + 'static {
         &self,
         keys: &[String],
     ) -> Result<Vec<Option<Versioned>>, CacheError>;
+
+    /// Adds members to a geo set, or moves them.
+    async fn geo_add(&self, key: &str, members: &[GeoMember]) -> Result<(), CacheError>;
+
+    /// Removes members from a geo set; unknown ones are ignored.
+    async fn geo_remove(&self, key: &str, members: &[String]) -> Result<(), CacheError>;
+
+    /// Members within `radius_m` of a point, nearest first, at most `count`, each with its
+    /// distance in metres (haversine on [`healthcode_proto::geo::EARTH_RADIUS_M`], as Redis
+    /// computes it).
+    async fn geo_search(
+        &self,
+        key: &str,
+        at: GeoPoint,
+        radius_m: f64,
+        count: usize,
+    ) -> Result<Vec<(String, f64)>, CacheError>;
+}
+
+pub use healthcode_proto::common::v1::GeoPoint;
+
+/// One member of a geo set and where it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeoMember {
+    pub member: String,
+    pub at: GeoPoint,
 }
 
 pub type SharedCache = Arc<dyn Cache>;

@@ -1,7 +1,7 @@
 //! The embedded default: a map in this process. Good for one process, which is all the
 //! embedded mesh is.
 
-use crate::{Cache, CacheError, Versioned};
+use crate::{Cache, CacheError, GeoMember, GeoPoint, Versioned};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,6 +13,7 @@ enum Value {
     Plain(Vec<u8>),
     Counter(u64),
     Versioned(Versioned),
+    Geo(HashMap<String, GeoPoint>),
 }
 
 #[derive(Debug)]
@@ -82,6 +83,7 @@ impl Cache for MemoryCache {
             Some(Value::Plain(data)) => Ok(Some(data.clone())),
             Some(Value::Counter(n)) => Ok(Some(n.to_string().into_bytes())),
             Some(Value::Versioned(_)) => Err(CacheError::Corrupt("versioned value".into())),
+            Some(Value::Geo(_)) => Err(CacheError::Corrupt("geo set".into())),
         })?
     }
 
@@ -178,6 +180,65 @@ impl Cache for MemoryCache {
             keys.iter()
                 .map(|k| versioned_of(entries.get(&self.key(k))))
                 .collect()
+        })?
+    }
+
+    async fn geo_add(&self, key: &str, members: &[GeoMember]) -> Result<(), CacheError> {
+        let key = self.key(key);
+        self.with_entries(|entries| {
+            let entry = entries.entry(key).or_insert_with(|| Entry {
+                value: Value::Geo(HashMap::new()),
+                expires_at: None,
+            });
+            let Value::Geo(set) = &mut entry.value else {
+                return Err(CacheError::Corrupt("not a geo set".into()));
+            };
+            for m in members {
+                set.insert(m.member.clone(), m.at);
+            }
+            Ok(())
+        })?
+    }
+
+    async fn geo_remove(&self, key: &str, members: &[String]) -> Result<(), CacheError> {
+        let key = self.key(key);
+        self.with_entries(|entries| {
+            if let Some(Entry {
+                value: Value::Geo(set),
+                ..
+            }) = entries.get_mut(&key)
+            {
+                for m in members {
+                    set.remove(m);
+                }
+            }
+        })
+    }
+
+    async fn geo_search(
+        &self,
+        key: &str,
+        at: GeoPoint,
+        radius_m: f64,
+        count: usize,
+    ) -> Result<Vec<(String, f64)>, CacheError> {
+        let key = self.key(key);
+        self.with_entries(|entries| match live(entries.get(&key)) {
+            None => Ok(Vec::new()),
+            Some(Entry {
+                value: Value::Geo(set),
+                ..
+            }) => {
+                let mut found: Vec<(String, f64)> = set
+                    .iter()
+                    .map(|(m, p)| (m.clone(), healthcode_proto::geo::distance_m(&at, p)))
+                    .filter(|(_, d)| *d <= radius_m)
+                    .collect();
+                found.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+                found.truncate(count);
+                Ok(found)
+            }
+            Some(_) => Err(CacheError::Corrupt("not a geo set".into())),
         })?
     }
 }

@@ -2,7 +2,7 @@
 //! batch of them is one MGET (split by node in a Cluster, where a pipeline could not cross
 //! slots); compare-and-set is a script, atomic on the node that owns the key.
 
-use crate::{Cache, CacheError, Versioned};
+use crate::{Cache, CacheError, GeoMember, GeoPoint, Versioned};
 use async_trait::async_trait;
 use healthcode_config::{ConfigError, Env};
 use redis::aio::ConnectionManager;
@@ -293,5 +293,63 @@ impl Cache for RedisCache {
             .await
             .map_err(unavailable)?;
         rows.into_iter().map(versioned).collect()
+    }
+
+    async fn geo_add(&self, key: &str, members: &[GeoMember]) -> Result<(), CacheError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("GEOADD");
+        cmd.arg(self.key(key));
+        for m in members {
+            cmd.arg(m.at.longitude).arg(m.at.latitude).arg(&m.member);
+        }
+        cmd.query_async::<()>(&mut self.connection())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn geo_remove(&self, key: &str, members: &[String]) -> Result<(), CacheError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("ZREM")
+            .arg(self.key(key))
+            .arg(members)
+            .query_async::<()>(&mut self.connection())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn geo_search(
+        &self,
+        key: &str,
+        at: GeoPoint,
+        radius_m: f64,
+        count: usize,
+    ) -> Result<Vec<(String, f64)>, CacheError> {
+        let found: Vec<(String, String)> = redis::cmd("GEOSEARCH")
+            .arg(self.key(key))
+            .arg("FROMLONLAT")
+            .arg(at.longitude)
+            .arg(at.latitude)
+            .arg("BYRADIUS")
+            .arg(radius_m)
+            .arg("m")
+            .arg("ASC")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .arg("WITHDIST")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        found
+            .into_iter()
+            .map(|(member, d)| {
+                d.parse::<f64>()
+                    .map(|d| (member, d))
+                    .map_err(|_| CacheError::Corrupt("GEOSEARCH distance".into()))
+            })
+            .collect()
     }
 }

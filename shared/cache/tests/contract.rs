@@ -118,18 +118,62 @@ async fn newest_wins_under_concurrency(cache: Arc<dyn Cache>) {
     assert_eq!(stored.data, b"200");
 }
 
+/// Both backends find the same members at the same distances: 499 m is in a 500 m radius,
+/// 501 m is not, nearest first, and a removed member is gone.
+async fn geo(cache: Arc<dyn Cache>) {
+    use healthcode_cache::{GeoMember, GeoPoint};
+    use healthcode_proto::geo::north_of;
+    let centre = GeoPoint {
+        latitude: 30.2741,
+        longitude: 120.1551,
+    };
+    assert!(
+        cache
+            .geo_search("sites", centre, 500.0, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let members = [("near", 499.0), ("far", 501.0), ("nearer", 120.0)].map(|(m, d)| GeoMember {
+        member: m.to_owned(),
+        at: north_of(&centre, d),
+    });
+    cache.geo_add("sites", &members).await.unwrap();
+    let found = cache.geo_search("sites", centre, 500.0, 5).await.unwrap();
+    let names: Vec<&str> = found.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(names, ["nearer", "near"]);
+    assert!((found[1].1 - 499.0).abs() < 0.5, "{found:?}");
+    assert_eq!(
+        cache
+            .geo_search("sites", centre, 500.0, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    cache
+        .geo_remove("sites", &["nearer".to_owned()])
+        .await
+        .unwrap();
+    let found = cache.geo_search("sites", centre, 600.0, 5).await.unwrap();
+    let names: Vec<&str> = found.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(names, ["near", "far"]);
+}
+
 #[tokio::test]
 async fn memory_backend_meets_the_contract() {
     let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new(&unique_prefix()));
     contract(cache.clone()).await;
-    newest_wins_under_concurrency(cache).await;
+    newest_wins_under_concurrency(cache.clone()).await;
+    geo(cache).await;
 }
 
 #[tokio::test]
 async fn redis_backend_meets_the_contract() {
     let cache: Arc<dyn Cache> = Arc::new(redis_cache().await);
     contract(cache.clone()).await;
-    newest_wins_under_concurrency(cache).await;
+    newest_wins_under_concurrency(cache.clone()).await;
+    geo(cache).await;
 }
 
 #[tokio::test]

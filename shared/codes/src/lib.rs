@@ -511,6 +511,26 @@ pub fn qr_svg(text: &str, care_mode: bool) -> Result<String, CodeError> {
 // Tests
 // ---------------------------------------------------------------------------------------------
 
+/// The SM2 keys a service publishes for offline checks: the active one first, then the
+/// other trusted (retired) ones.
+pub fn public_keys(
+    active: &healthcode_crypto::SigningKey,
+    trusted: &healthcode_crypto::TrustedKeys,
+) -> Vec<healthcode_proto::common::v1::PublicKey> {
+    let active = active.verifying_key();
+    std::iter::once(&active)
+        .chain(trusted.iter().filter(|k| k.key_id() != active.key_id()))
+        .map(|k| healthcode_proto::common::v1::PublicKey {
+            key_id: k.key_id().to_owned(),
+            algorithm: "SM2".into(),
+            public_key_sec1: k.sec1_bytes(),
+            public_key_pem: k.to_pem().unwrap_or_default(),
+            not_before: None,
+            not_after: None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -583,6 +583,17 @@ impl fmt::Debug for BlindIndex {
 // Tests
 // ---------------------------------------------------------------------------------------------
 
+/// A stable UUID-shaped id derived from `seed` (SM3): retries of one request name one thing.
+pub fn derived_id(seed: &str) -> String {
+    let d = sm3_digest(seed.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&d[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use sea_orm_migration::MigratorTrait;
 use std::time::Duration;
 
 pub mod replies;
+pub mod schema;
 
 pub use sea_orm;
 pub use sea_orm_migration;

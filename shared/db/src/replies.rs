@@ -56,6 +56,39 @@ pub async fn load<C: ConnectionTrait, M: Message + Default>(
         .transpose()
 }
 
+/// A transaction that will write. On SQLite it takes the write lock first: a deferred
+/// transaction that reads and then writes fails with "busy" when another connection
+/// committed in between.
+pub async fn begin_write(
+    db: &sea_orm::DatabaseConnection,
+) -> Result<sea_orm::DatabaseTransaction, DbErr> {
+    use sea_orm::TransactionTrait;
+    let txn = db.begin().await?;
+    if txn.get_database_backend() == sea_orm::DbBackend::Sqlite {
+        txn.execute_unprepared("UPDATE replies SET key = key WHERE 1 = 0")
+            .await?;
+    }
+    Ok(txn)
+}
+
+/// Stores `answer` under `key` and commits. When a concurrent retry stored its answer first,
+/// rolls back and returns that one: either way every caller gets the same answer.
+pub async fn commit_with<M: Message + Default>(
+    db: &sea_orm::DatabaseConnection,
+    txn: sea_orm::DatabaseTransaction,
+    key: &str,
+    answer: M,
+) -> Result<M, DbErr> {
+    if !store(&txn, key, &answer).await? {
+        txn.rollback().await?;
+        return load(db, key)
+            .await?
+            .ok_or_else(|| DbErr::Custom("stored reply vanished".into()));
+    }
+    txn.commit().await?;
+    Ok(answer)
+}
+
 /// The migration that creates the table, for services that list it in their migrator.
 pub mod migration {
     use sea_orm_migration::prelude::*;

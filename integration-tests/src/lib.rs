@@ -2,6 +2,7 @@
 //! Redis key space, fresh keys, and caller tokens. The services run for real, on port 0.
 
 pub mod mesh;
+pub mod vaccination;
 
 use healthcode_auth::{TokenIssuer, roles};
 use healthcode_config::Env;

@@ -6,200 +6,17 @@
 use chrono::{Duration as Days, Utc};
 use healthcode_auth::roles;
 use healthcode_crypto::SigningKey;
-use healthcode_proto::common::v1::{
-    GeoPoint, GetPublicKeysRequest, Locale, PersonRef, PublicKey, SignedEnvelope,
-};
+use healthcode_proto::common::v1::{GeoPoint, GetPublicKeysRequest, Locale, SignedEnvelope};
 use healthcode_proto::geo::north_of;
-use healthcode_proto::time::{minute, ts};
+use healthcode_proto::time::ts;
 use healthcode_proto::vaccination::v1 as pb;
 use integration_tests::mesh::Mesh;
+use integration_tests::vaccination::{SITE_AT, person, rid, world};
 use integration_tests::{Backend, authorized, bad_fields, count, reason};
-use pb::vaccination_service_client::VaccinationServiceClient;
 use pb::{CertificateCheck, CertificateKind, DoseState, LateEntryDecision, LateEntryState};
 use prost::Message;
 use std::time::Duration;
 use tonic::Code;
-use tonic::transport::Channel;
-
-const SITE_AT: GeoPoint = GeoPoint {
-    latitude: 30.2741,
-    longitude: 120.1551,
-};
-
-struct World {
-    client: VaccinationServiceClient<Channel>,
-    admin: String,
-    app: String,
-    site: String,
-    site_token: String,
-    worker: std::sync::Arc<SigningKey>,
-    vaccine: pb::Vaccine,
-}
-
-fn rid() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn person(id: &str) -> Option<PersonRef> {
-    Some(PersonRef {
-        person_id: id.to_owned(),
-    })
-}
-
-fn days(n: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
-        seconds: n * 86_400,
-        nanos: 0,
-    })
-}
-
-/// A vaccine of `kind` with one batch, a site, and a worker key registered at it.
-async fn world(mesh: &Mesh, kind: pb::VaccineType) -> World {
-    let mut client = mesh.vaccination_client().await;
-    let admin = mesh.keys.token("health-commission", &[roles::HEALTH_ADMIN]);
-    let vaccine = client
-        .register_vaccine(authorized(
-            pb::RegisterVaccineRequest {
-                request_id: rid(),
-                vaccine: Some(pb::Vaccine {
-                    r#type: kind as i32,
-                    name_zh: "新冠病毒灭活疫苗".into(),
-                    name_en: "COVID-19 Vaccine (Vero Cell), Inactivated".into(),
-                    maker_zh: "示例生物".into(),
-                    maker_en: "Example Biological Products".into(),
-                    approval_number: format!("S{}", &rid()[..8]),
-                    doses_in_course: 2,
-                    min_dose_interval: days(21),
-                    booster_interval: days(180),
-                    eu_medicinal_product: "BBIBP-CorV".into(),
-                    eu_marketing_authorisation_holder: "ORG-100020693".into(),
-                    eu_vaccine_prophylaxis: "J07BX03".into(),
-                    active: true,
-                    batches: vec![pb::VaccineBatch {
-                        batch_number: "B2026001".into(),
-                        expires_at: Some(ts(Utc::now() + Days::days(365))),
-                    }],
-                    ..Default::default()
-                }),
-            },
-            &admin,
-        ))
-        .await
-        .expect("register vaccine")
-        .into_inner();
-    let site = client
-        .register_site(authorized(
-            pb::RegisterSiteRequest {
-                request_id: rid(),
-                site: Some(pb::VaccinationSite {
-                    name: "西湖区社区卫生服务中心".into(),
-                    unit_code: "12330106MB0000001X".into(),
-                    address: "杭州市西湖区".into(),
-                    location: Some(SITE_AT),
-                    division_code: "330106".into(),
-                    public_phone: "0571-88888888".into(),
-                    active: true,
-                    ..Default::default()
-                }),
-            },
-            &admin,
-        ))
-        .await
-        .expect("register site")
-        .into_inner()
-        .site_id;
-    let site_token = mesh.keys.token(&site, &[roles::VACCINATION_SITE]);
-    let worker = SigningKey::generate(format!("worker-{}", &rid()[..8])).unwrap();
-    client
-        .add_worker_key(authorized(
-            pb::AddWorkerKeyRequest {
-                request_id: rid(),
-                site_id: site.clone(),
-                worker_id: "nurse-7".into(),
-                key: Some(PublicKey {
-                    key_id: worker.key_id().to_owned(),
-                    algorithm: "SM2".into(),
-                    public_key_sec1: worker.verifying_key().sec1_bytes(),
-                    ..Default::default()
-                }),
-            },
-            &site_token,
-        ))
-        .await
-        .expect("add worker key");
-    World {
-        client,
-        admin,
-        app: mesh.keys.app(),
-        site,
-        site_token,
-        worker: std::sync::Arc::new(worker),
-        vaccine,
-    }
-}
-
-impl World {
-    fn signed(
-        &self,
-        key: &SigningKey,
-        person_id: &str,
-        n: u32,
-        at: chrono::DateTime<Utc>,
-        batch: &str,
-    ) -> SignedEnvelope {
-        let claims = pb::DoseClaims {
-            person: person(person_id),
-            vaccine_id: self.vaccine.vaccine_id.clone(),
-            batch_number: batch.into(),
-            dose_number: n,
-            administered_at: Some(ts(minute(at))),
-            site_id: self.site.clone(),
-            worker_id: "nurse-7".into(),
-        };
-        let payload = claims.encode_to_vec();
-        SignedEnvelope {
-            signature: key.sign(&payload).unwrap(),
-            key_id: key.key_id().to_owned(),
-            payload,
-        }
-    }
-
-    async fn record(
-        &mut self,
-        request_id: &str,
-        envelope: SignedEnvelope,
-    ) -> Result<pb::Dose, tonic::Status> {
-        self.client
-            .record_dose(authorized(
-                pb::RecordDoseRequest {
-                    request_id: request_id.to_owned(),
-                    worker_signature: Some(envelope),
-                },
-                &self.site_token,
-            ))
-            .await
-            .map(|r| r.into_inner())
-    }
-
-    async fn report(&mut self, person_id: &str, at: GeoPoint) -> Option<pb::BoosterReminder> {
-        self.client
-            .report_location(authorized(
-                pb::ReportLocationRequest {
-                    person: person(person_id),
-                    location: Some(at),
-                    reported_at: None,
-                    locale: Some(Locale {
-                        tag: "zh-CN".into(),
-                    }),
-                },
-                &self.app,
-            ))
-            .await
-            .expect("report location")
-            .into_inner()
-            .reminder
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn doses_certificates_and_reminders_on_postgres_and_redis() {
@@ -667,8 +484,8 @@ async fn late_entries_revocation_and_bad_input_embedded() {
     );
     assert_eq!(listed(false).await[0].state, DoseState::Recorded as i32);
 
-    // A person asks for a missing dose with evidence; the site sees it, rejects it, and the
-    // evidence is deleted.
+    // A person asks for a missing dose with a statement and evidence, both sealed; the site
+    // sees them, rejects the entry, and they are deleted.
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     png.extend_from_slice(b"paper record");
     let entry = w
@@ -701,8 +518,25 @@ async fn late_entries_revocation_and_bad_input_embedded() {
         .into_inner()
         .late_entries;
     assert_eq!(
-        seen[0].evidence_image, png,
-        "the reviewer opens the evidence"
+        (
+            seen[0].evidence_image.as_slice(),
+            seen[0].statement.as_str()
+        ),
+        (
+            png.as_slice(),
+            "given at the community centre, not in the record"
+        ),
+        "the reviewer opens the evidence and the statement"
+    );
+    assert!(entry.statement.is_empty() && entry.evidence_image.is_empty());
+    assert_eq!(
+        count(
+            mesh.vaccination.db(),
+            "SELECT COUNT(*) FROM late_entries WHERE instr(payload, CAST('community centre' AS BLOB)) > 0"
+        )
+        .await,
+        0,
+        "the statement is not stored in the clear"
     );
     let rejected = review(
         w.site_token.clone(),

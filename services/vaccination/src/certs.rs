@@ -180,12 +180,23 @@ impl Vaccination {
             ));
         }
         let vaccines = self.vaccines_of(&doses).await?;
+        // Each unit once, without its worker keys: the doses carry their own signatures.
+        let mut units: BTreeMap<&str, pb::VaccinationSite> = BTreeMap::new();
+        for d in &doses {
+            if !units.contains_key(d.site_id.as_str()) {
+                let row = self.site_row(&self.db, &d.site_id).await?;
+                units.insert(&d.site_id, crate::service::decode(&row.payload)?);
+            }
+        }
         let mut certified = Vec::with_capacity(doses.len());
         for d in &doses {
             let v = vaccines
                 .get(&d.vaccine_id)
                 .ok_or_else(|| ServiceError::internal("dose of an unknown vaccine"))?;
-            let site = self.site(&d.site_id).await?;
+            let site = units
+                .get(d.site_id.as_str())
+                .cloned()
+                .ok_or_else(|| ServiceError::internal("dose of an unknown site"))?;
             let signature = d.worker_signature.clone().unwrap_or_default();
             certified.push(pb::CertifiedDose {
                 vaccine_name_zh: v.name_zh.clone(),

@@ -934,13 +934,19 @@ impl Vaccination {
         entry.state = LateEntryState::Pending as i32;
         entry.requested_by = new.requested_by.to_owned();
         entry.requested_at = Some(ts(Utc::now()));
-        let (sealed, key_id) = if evidence.is_empty() {
+        // The statement and the evidence are free text and a photo of a paper record: both
+        // sealed, and the reply (stored for retries) carries neither.
+        let material = ReviewMaterial {
+            evidence,
+            statement: std::mem::take(&mut entry.statement),
+        };
+        let (sealed, key_id) = if material == ReviewMaterial::default() {
             (Vec::new(), String::new())
         } else {
             let s = self
                 .keys
                 .data
-                .encrypt(&evidence, entry.late_entry_id.as_bytes())
+                .encrypt(&material.encode_to_vec(), entry.late_entry_id.as_bytes())
                 .map_err(ServiceError::internal)?;
             (s.ciphertext, s.key_id)
         };
@@ -972,7 +978,7 @@ impl Vaccination {
             .ok_or_else(|| ServiceError::NotFound("no such late entry".into()))
     }
 
-    /// The entry with its evidence opened, for its reviewers.
+    /// The entry, with its statement and evidence opened for its reviewers while pending.
     pub(crate) fn late_entry_proto(
         &self,
         row: &late_entry::Model,
@@ -980,7 +986,7 @@ impl Vaccination {
     ) -> Result<pb::LateEntry, ServiceError> {
         let mut entry: pb::LateEntry = decode(&row.payload)?;
         if with_evidence && !row.evidence.is_empty() {
-            entry.evidence_image = self
+            let opened = self
                 .keys
                 .data
                 .decrypt(
@@ -989,6 +995,9 @@ impl Vaccination {
                     row.late_entry_id.as_bytes(),
                 )
                 .map_err(ServiceError::internal)?;
+            let material = ReviewMaterial::decode(&opened[..]).map_err(ServiceError::internal)?;
+            entry.evidence_image = material.evidence;
+            entry.statement = material.statement;
         }
         Ok(entry)
     }
@@ -1093,7 +1102,7 @@ impl Vaccination {
         entry.reviewed_by = reviewer.to_owned();
         entry.reviewed_at = Some(ts(now));
         entry.review_note = note.to_owned();
-        // The evidence is deleted once decided.
+        // The statement and the evidence are deleted once decided.
         let mut active: late_entry::ActiveModel = row.into();
         active.state = Set(entry.state);
         active.pending_number = Set(None);
@@ -1318,6 +1327,16 @@ fn dose_row(dose: &pb::Dose, key_id: &str) -> Result<dose::ActiveModel, ServiceE
     })
 }
 
+/// What a late entry's reviewers see and nobody else: sealed in the row's `evidence`
+/// column, deleted once the entry is decided.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ReviewMaterial {
+    #[prost(bytes = "vec", tag = "1")]
+    evidence: Vec<u8>,
+    #[prost(string, tag = "2")]
+    statement: String,
+}
+
 fn late_entry_row(
     entry: &pb::LateEntry,
     evidence: Vec<u8>,
@@ -1325,6 +1344,7 @@ fn late_entry_row(
 ) -> Result<late_entry::ActiveModel, ServiceError> {
     let stored = pb::LateEntry {
         evidence_image: Vec::new(),
+        statement: String::new(),
         ..entry.clone()
     };
     Ok(late_entry::ActiveModel {

@@ -323,6 +323,25 @@ async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
     Ok(connection)
 }
 
+/// [`echo`] over `connections`, its row added to `rows`: the baseline every service scenario
+/// starts with.
+pub async fn echo_row(
+    rows: &mut Vec<crate::report::Row>,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    connections: usize,
+) -> anyhow::Result<Stats> {
+    let stats = echo(concurrency, warmup, duration, connections).await?;
+    rows.push(crate::report::Row::closed(
+        format!("baseline: gRPC echo, {connections} conn."),
+        "calls",
+        concurrency,
+        stats.clone(),
+    ));
+    Ok(stats)
+}
+
 /// SM2 verifications per second of one signature over a [`SM2_MESSAGE_BYTES`] message, on
 /// `threads` OS threads: the ceiling for anything that checks signed health codes.
 pub fn sm2_verify_rate(
@@ -356,6 +375,51 @@ pub fn sm2_sign_rate(
     Ok(load::threaded_loop(threads, warmup, duration, |_| {
         key.sign(&message)
             .map(|_signature| 1)
+            .map_err(|err| err.to_string())
+    }))
+}
+
+/// A fixed P-256 key (the secret scalar 7): the baselines need a key, not a secret one.
+fn p256_key() -> anyhow::Result<p256::ecdsa::SigningKey> {
+    let mut scalar = [0_u8; 32];
+    scalar[31] = 7;
+    Ok(p256::ecdsa::SigningKey::from(
+        p256::SecretKey::from_slice(&scalar).context("a P-256 scalar")?,
+    ))
+}
+
+/// ECDSA P-256 (ES256) signatures per second over a [`SM2_MESSAGE_BYTES`] message on
+/// `threads` OS threads: the ceiling for issuing EU DCC certificates.
+pub fn p256_sign_rate(
+    threads: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<Stats> {
+    use p256::ecdsa::signature::Signer as _;
+    let key = p256_key()?;
+    let message = [0x42_u8; SM2_MESSAGE_BYTES];
+    Ok(load::threaded_loop(threads, warmup, duration, |_| {
+        let signed: Result<p256::ecdsa::Signature, _> = key.try_sign(&message);
+        signed.map(|_| 1).map_err(|err| err.to_string())
+    }))
+}
+
+/// ECDSA P-256 verifications per second on `threads` OS threads: the ceiling for checking
+/// EU DCC certificates.
+pub fn p256_verify_rate(
+    threads: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<Stats> {
+    use p256::ecdsa::signature::{Signer as _, Verifier as _};
+    let key = p256_key()?;
+    let message = [0x42_u8; SM2_MESSAGE_BYTES];
+    let signature: p256::ecdsa::Signature = key.try_sign(&message).context("signing")?;
+    let verifying = *key.verifying_key();
+    Ok(load::threaded_loop(threads, warmup, duration, |_| {
+        verifying
+            .verify(&message, &signature)
+            .map(|()| 1)
             .map_err(|err| err.to_string())
     }))
 }
@@ -415,14 +479,19 @@ mod tests {
     }
 
     #[test]
-    fn sm2_sign_and_verify_run_without_errors() {
-        let verify =
-            sm2_verify_rate(1, Duration::ZERO, Duration::from_millis(200)).expect("verify");
-        assert!(verify.requests > 0, "{verify:?}");
-        assert_eq!(verify.errors, 0, "{verify:?}");
-        let sign = sm2_sign_rate(1, Duration::ZERO, Duration::from_millis(200)).expect("sign");
-        assert!(sign.requests > 0, "{sign:?}");
-        assert_eq!(sign.errors, 0, "{sign:?}");
+    fn sm2_and_p256_sign_and_verify_run_without_errors() {
+        type Rate = fn(usize, Duration, Duration) -> anyhow::Result<Stats>;
+        let rates: [(&str, Rate); 4] = [
+            ("SM2 verify", sm2_verify_rate),
+            ("SM2 sign", sm2_sign_rate),
+            ("P-256 verify", p256_verify_rate),
+            ("P-256 sign", p256_sign_rate),
+        ];
+        for (name, rate) in rates {
+            let stats = rate(1, Duration::ZERO, Duration::from_millis(200)).expect(name);
+            assert!(stats.requests > 0, "{name}: {stats:?}");
+            assert_eq!(stats.errors, 0, "{name}: {stats:?}");
+        }
     }
 
     #[test]

@@ -16,7 +16,6 @@ use integration_tests::{Backend, authorized};
 use prost::Message;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
 
 pub struct GatewayRun {
     pub concurrency: usize,
@@ -35,40 +34,22 @@ pub struct GatewayResults {
     pub targets: Vec<(String, f64, f64, String)>,
 }
 
-async fn clients(
-    addr: std::net::SocketAddr,
-    n: usize,
-) -> anyhow::Result<Vec<GatewayServiceClient<Channel>>> {
-    let mut out = Vec::new();
-    for _ in 0..n.max(1) {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        out.push(GatewayServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024));
-    }
-    Ok(out)
-}
-
 fn pick<T>(items: &[T], index: u64) -> &T {
     &items[(index % items.len() as u64) as usize]
-}
-
-fn status(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
 }
 
 pub async fn run(cfg: GatewayRun) -> anyhow::Result<GatewayResults> {
     let mut rows = Vec::new();
     // Baselines first, in this run, on this machine.
     eprintln!("hc-bench: baselines");
-    let echo = baselines::echo(cfg.concurrency, cfg.warmup, cfg.duration, cfg.connections).await?;
-    rows.push(Row::closed(
-        format!("baseline: gRPC echo, {} conn.", cfg.connections),
-        "calls",
+    let echo = baselines::echo_row(
+        &mut rows,
         cfg.concurrency,
-        echo.clone(),
-    ));
+        cfg.warmup,
+        cfg.duration,
+        cfg.connections,
+    )
+    .await?;
     let redis_get =
         baselines::redis_get(&cfg.redis_url, cfg.concurrency, cfg.warmup, cfg.duration).await?;
     rows.push(Row::closed(
@@ -148,7 +129,13 @@ async fn scenarios(
         persons.push(mesh.verified_person(100_000 + n).await);
     }
     let persons = Arc::new(persons);
-    let gateway = Arc::new(clients(mesh.gateway.local_addr(), cfg.connections).await?);
+    let gateway: Arc<Vec<_>> = Arc::new(
+        load::channels(mesh.gateway.local_addr(), cfg.connections)
+            .await?
+            .into_iter()
+            .map(|c| GatewayServiceClient::new(c).max_decoding_message_size(64 * 1024 * 1024))
+            .collect(),
+    );
     let app = mesh.keys.app();
 
     // Show my code: every person once to warm the caches, then the loop.
@@ -184,7 +171,7 @@ async fn scenarios(
                     .show_my_code(request)
                     .await
                     .map(|_| 1u64)
-                    .map_err(status)
+                    .map_err(load::status)
             }
         }
     };
@@ -269,7 +256,7 @@ async fn scenarios(
                 let reply = client
                     .verify_scan(request)
                     .await
-                    .map_err(status)?
+                    .map_err(load::status)?
                     .into_inner();
                 if reply.result == gw::ScanResult::Valid as i32 {
                     Ok(1)
@@ -361,7 +348,7 @@ async fn scenarios(
                 let reply = client
                     .batch_check(request)
                     .await
-                    .map_err(status)?
+                    .map_err(load::status)?
                     .into_inner();
                 if reply.errors.is_empty() {
                     Ok(reply.results.len() as u64)

@@ -15,3 +15,4 @@ pub mod gateway;
 pub mod load;
 pub mod report;
 pub mod testing;
+pub mod vaccination;

@@ -386,6 +386,65 @@ where
     recorder
 }
 
+/// `n` HTTP/2 connections to a service at `addr`, with Nagle off: wrap each in the
+/// service's client.
+pub async fn channels(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> anyhow::Result<Vec<tonic::transport::Channel>> {
+    let mut out = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        out.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// Runs `jobs` calls of `call` (given the job index), `parallel` at a time, and measures
+/// them as one window: for work that comes in a fixed amount (a batch upload, one dose per
+/// person) rather than for a duration.
+pub async fn fixed<F, Fut>(jobs: usize, parallel: usize, call: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = CallResult> + Send + 'static,
+{
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = JoinSet::new();
+    for _ in 0..parallel.max(1) {
+        let (call, next) = (call.clone(), next.clone());
+        workers.spawn(async move {
+            let mut recorder = Recorder::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs {
+                    return recorder;
+                }
+                let t = Instant::now();
+                let outcome = call(i).await;
+                recorder.record(t.elapsed(), outcome);
+            }
+        });
+    }
+    let mut total = Recorder::new();
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(r) => total.merge(r),
+            Err(e) => total.note_error(format!("worker task failed: {e}")),
+        }
+    }
+    total.into_stats(started.elapsed())
+}
+
+/// A gRPC failure as a sample error: the code and the message.
+pub fn status(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

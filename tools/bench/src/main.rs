@@ -38,6 +38,25 @@ enum Scenario {
     /// The testing service: results ingested in batches beside a bare PostgreSQL insert,
     /// bookings on hot slots beside the echo, and "near me" over a seeded province.
     Testing(TestingArgs),
+    /// The vaccination service: worker-signed doses recorded, domestic (SM2) and EU DCC
+    /// (ES256) certificates issued and verified, beside the echo and bare SM2 and P-256.
+    Vaccination(VaccinationArgs),
+}
+
+#[derive(Debug, Args)]
+struct VaccinationArgs {
+    #[command(flatten)]
+    run: RunOptions,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Verified persons (two doses each) whose certificates are issued and verified.
+    #[arg(long, default_value_t = 64)]
+    persons: u32,
+    /// Fresh persons given a first dose in the RecordDose run.
+    #[arg(long, default_value_t = 5000)]
+    doses: usize,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Baselines(args) => run_baselines(args).await,
         Scenario::Gateway(args) => run_gateway(args).await,
         Scenario::Testing(args) => run_testing(args).await,
+        Scenario::Vaccination(args) => run_vaccination(args).await,
     }
 }
 
@@ -240,15 +260,24 @@ async fn run_testing(args: TestingArgs) -> anyhow::Result<()> {
         institutions: args.institutions.max(1),
     })
     .await?;
-    let mut block = report::render_block("Testing", &info, &results.rows);
-    block.push_str("\n| comparison | ratio | figures |\n|---|---|---|\n");
-    for (name, ratio, figures) in &results.targets {
-        block.push_str(&format!("| {name} | {ratio:.2} | {figures} |\n"));
-    }
-    println!("{block}");
-    report::write_block(&run.out, &Markers::named("testing"), &block)
-        .with_context(|| format!("writing {}", run.out.display()))?;
-    Ok(())
+    publish_compared(&run.out, "testing", "Testing", &info, &results)
+}
+
+async fn run_vaccination(args: VaccinationArgs) -> anyhow::Result<()> {
+    let info = RunInfo::collect();
+    let run = &args.run;
+    let results = hc_bench::vaccination::run(hc_bench::vaccination::VaccinationRun {
+        concurrency: run.concurrency,
+        warmup: run.warmup(),
+        duration: run.duration(),
+        connections: args.connections.max(1),
+        redis_url: args.redis_url.clone(),
+        persons: args.persons.max(1),
+        doses: args.doses.max(1),
+        threads: info.cpus.max(1),
+    })
+    .await?;
+    publish_compared(&run.out, "vaccination", "Vaccination", &info, &results)
 }
 
 /// One connection first (what a single client gets), then `connections` if more than one
@@ -272,6 +301,22 @@ fn publish(
     let block = report::render_block(title, info, rows);
     println!("{block}");
     report::write_block(out, markers, &block)
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("hc-bench: results written to {}", out.display());
+    Ok(())
+}
+
+/// Prints a compared run's block and writes it into `out` under its own markers.
+fn publish_compared(
+    out: &Path,
+    name: &str,
+    title: &str,
+    info: &RunInfo,
+    results: &report::Compared,
+) -> anyhow::Result<()> {
+    let block = report::render_compared(title, info, results);
+    println!("{block}");
+    report::write_block(out, &Markers::named(name), &block)
         .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("hc-bench: results written to {}", out.display());
     Ok(())

@@ -298,6 +298,37 @@ pub fn write_block(path: &Path, markers: &Markers, block: &str) -> io::Result<()
     std::fs::write(path, splice(existing.as_deref(), markers, block))
 }
 
+/// A scenario's rows and how its figures compare with the baselines measured beside them:
+/// (what is compared, the ratio, the two figures).
+pub struct Compared {
+    pub rows: Vec<Row>,
+    pub comparisons: Vec<(String, f64, String)>,
+}
+
+/// One comparison: `measured` per second over `baseline` per second, with both figures.
+pub fn comparison(
+    name: &str,
+    measured: &Stats,
+    baseline: f64,
+    unit: &str,
+) -> (String, f64, String) {
+    (
+        name.to_owned(),
+        measured.per_second / baseline.max(1.0),
+        format!("{:.0} vs {:.0} {unit}", measured.per_second, baseline),
+    )
+}
+
+/// The block for a [`Compared`] run: the rows, then one line per comparison.
+pub fn render_compared(title: &str, run: &RunInfo, compared: &Compared) -> String {
+    let mut block = render_block(title, run, &compared.rows);
+    block.push_str("\n| comparison | ratio | figures |\n|---|---|---|\n");
+    for (name, ratio, figures) in &compared.comparisons {
+        block.push_str(&format!("| {name} | {ratio:.2} | {figures} |\n"));
+    }
+    block
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

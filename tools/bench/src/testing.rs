@@ -8,8 +8,8 @@
 //! - "near me" over the seeded province (3,000 institutions with two days of slots).
 
 use crate::baselines;
-use crate::load::{self, Recorder, Stats};
-use crate::report::Row;
+use crate::load::{self, Stats};
+use crate::report::{self, Compared, Row};
 use healthcode_auth::roles;
 use healthcode_proto::common::v1::{GeoPoint, NucleicAcidResult, PersonRef};
 use healthcode_proto::testing::v1 as pb;
@@ -20,7 +20,6 @@ use sea_orm::{ConnectionTrait, Database, EntityTrait};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testing::store::entities::{sample, sample_member, slot};
-use tonic::transport::{Channel, Endpoint};
 
 pub struct TestingRun {
     pub concurrency: usize,
@@ -34,62 +33,12 @@ pub struct TestingRun {
     pub institutions: usize,
 }
 
-fn status(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
-}
-
-async fn clients(
-    addr: std::net::SocketAddr,
-    n: usize,
-) -> anyhow::Result<Vec<TestingServiceClient<Channel>>> {
-    let mut out = Vec::new();
-    for _ in 0..n.max(1) {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        out.push(TestingServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024));
-    }
-    Ok(out)
-}
-
 fn minute_ago(minutes: i64) -> Option<prost_types::Timestamp> {
     let t = chrono::Utc::now().timestamp() - minutes * 60;
     Some(prost_types::Timestamp {
         seconds: t - t.rem_euclid(60),
         nanos: 0,
     })
-}
-
-/// Runs `jobs` calls of `call`, `parallel` at a time, and measures them as one window.
-async fn fixed<F, Fut>(jobs: usize, parallel: usize, call: F) -> Stats
-where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Result<u64, String>> + Send + 'static,
-{
-    let started = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..parallel.max(1) {
-        let (call, next) = (call.clone(), next.clone());
-        workers.spawn(async move {
-            let mut recorder = Recorder::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= jobs {
-                    return recorder;
-                }
-                let t = Instant::now();
-                let outcome = call(i).await;
-                recorder.record(t.elapsed(), outcome);
-            }
-        });
-    }
-    let mut total = Recorder::new();
-    while let Some(Ok(r)) = workers.join_next().await {
-        total.merge(r);
-    }
-    total.into_stats(started.elapsed())
 }
 
 /// The floor: `rows` rows as wide as a report, inserted 1,000 per statement, one
@@ -109,7 +58,7 @@ async fn postgres_insert_baseline(
     )
     .await?;
     let db = Arc::new(db);
-    let stats = fixed(batches, parallel, move |_| {
+    let stats = load::fixed(batches, parallel, move |_| {
         let db = db.clone();
         async move {
             let mut sql = String::with_capacity(batch * 260);
@@ -145,21 +94,17 @@ async fn postgres_insert_baseline(
     Ok(stats)
 }
 
-pub struct TestingResults {
-    pub rows: Vec<Row>,
-    pub targets: Vec<(String, f64, String)>,
-}
-
-pub async fn run(cfg: TestingRun) -> anyhow::Result<TestingResults> {
+pub async fn run(cfg: TestingRun) -> anyhow::Result<Compared> {
     let mut rows = Vec::new();
     eprintln!("hc-bench: baselines");
-    let echo = baselines::echo(cfg.concurrency, cfg.warmup, cfg.duration, cfg.connections).await?;
-    rows.push(Row::closed(
-        format!("baseline: gRPC echo, {} conn.", cfg.connections),
-        "calls",
+    let echo = baselines::echo_row(
+        &mut rows,
         cfg.concurrency,
-        echo.clone(),
-    ));
+        cfg.warmup,
+        cfg.duration,
+        cfg.connections,
+    )
+    .await?;
     let floor = postgres_insert_baseline(cfg.batch, cfg.batches, 2).await?;
     rows.push(Row::closed(
         format!(
@@ -175,22 +120,21 @@ pub async fn run(cfg: TestingRun) -> anyhow::Result<TestingResults> {
     let measured = scenarios(&cfg, &mesh, &mut rows).await;
     mesh.stop().await;
     let (ingest, booking) = measured?;
-    let targets = vec![
-        (
-            "results ingested / bare PostgreSQL insert".to_owned(),
-            ingest.per_second / floor.per_second.max(1.0),
-            format!("{:.0} vs {:.0} rows/s", ingest.per_second, floor.per_second),
+    let comparisons = vec![
+        report::comparison(
+            "results ingested / bare PostgreSQL insert",
+            &ingest,
+            floor.per_second,
+            "rows/s",
         ),
-        (
-            "bookings under contention / echo".to_owned(),
-            booking.per_second / echo.per_second.max(1.0),
-            format!(
-                "{:.0} vs {:.0} calls/s",
-                booking.per_second, echo.per_second
-            ),
+        report::comparison(
+            "bookings under contention / echo",
+            &booking,
+            echo.per_second,
+            "calls/s",
         ),
     ];
-    Ok(TestingResults { rows, targets })
+    Ok(Compared { rows, comparisons })
 }
 
 async fn scenarios(
@@ -198,7 +142,13 @@ async fn scenarios(
     mesh: &Mesh,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<(Stats, Stats)> {
-    let clients = Arc::new(clients(mesh.testing.local_addr(), cfg.connections).await?);
+    let clients: Arc<Vec<_>> = Arc::new(
+        load::channels(mesh.testing.local_addr(), cfg.connections)
+            .await?
+            .into_iter()
+            .map(|c| TestingServiceClient::new(c).max_decoding_message_size(64 * 1024 * 1024))
+            .collect(),
+    );
     let app = mesh.keys.app();
     let db = mesh.testing.db().clone();
 
@@ -282,7 +232,7 @@ async fn scenarios(
                 let r = client
                     .upload_results(request)
                     .await
-                    .map_err(status)?
+                    .map_err(load::status)?
                     .into_inner();
                 if !r.errors.is_empty() {
                     return Err(format!(
@@ -296,7 +246,7 @@ async fn scenarios(
         }
     };
     eprintln!("hc-bench: ingest {} batches of {}", cfg.batches, cfg.batch);
-    let ingest = fixed(cfg.batches, 2, upload).await;
+    let ingest = load::fixed(cfg.batches, 2, upload).await;
     rows.push(Row::closed(
         format!("UploadResults x{}", cfg.batch),
         "results",
@@ -336,7 +286,7 @@ async fn scenarios(
                     .create_booking(request)
                     .await
                     .map(|_| 1u64)
-                    .map_err(status)
+                    .map_err(load::status)
             }
         }
     };
@@ -371,7 +321,7 @@ async fn scenarios(
                     .search_institutions(request)
                     .await
                     .map(|_| 1u64)
-                    .map_err(status)
+                    .map_err(load::status)
             }
         }
     };

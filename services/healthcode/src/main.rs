@@ -61,6 +61,27 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Writes a development PKI for the exchange service into a new directory: a CA, this
+    /// province's server certificate and one client certificate per partner (PEM, keys
+    /// readable by their owner only), and the fingerprints to register the partners with.
+    /// For development and tests; production certificates come from the provinces' CAs.
+    ExchangePki {
+        #[arg(long)]
+        out: PathBuf,
+        /// This province's GB/T 2260 code.
+        #[arg(long, default_value = "330000")]
+        province: String,
+        /// Partner ids to issue client certificates for, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "310000,320000")]
+        partners: Vec<String>,
+        /// DNS names and IP addresses of this province's exchange endpoint.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "localhost,127.0.0.1,exchange"
+        )]
+        server_names: Vec<String>,
+    },
     /// Prints fresh secrets for a service's Kubernetes Secret, as KEY=VALUE lines.
     Keys {
         /// The service: `identity`, `risk` or `gateway`.
@@ -110,6 +131,11 @@ fn write_secret_file(path: &Path, entries: &BTreeMap<String, String>) -> anyhow:
     for (k, v) in entries {
         text.push_str(&format!("{k}={v}\n"));
     }
+    write_private(path, &text)
+}
+
+/// Creates `path` (never overwriting) readable by its owner only, and writes `text`.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     // Readable by its owner only, from the moment it exists.
@@ -119,6 +145,41 @@ fn write_secret_file(path: &Path, entries: &BTreeMap<String, String>) -> anyhow:
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
     std::io::Write::write_all(&mut file, text.as_bytes())?;
+    Ok(())
+}
+
+fn exchange_pki(
+    out: &Path,
+    province: &str,
+    partners: &[String],
+    server_names: &[String],
+) -> anyhow::Result<()> {
+    if !exchange::records::is_province(province) {
+        bail!("`{province}` is not a GB/T 2260 province-level code");
+    }
+    let pki = exchange::tls::generate_dev_pki(province, server_names, partners)?;
+    std::fs::create_dir(out)
+        .with_context(|| format!("creating {} (must not exist)", out.display()))?;
+    let mut files = vec![
+        ("ca.pem".to_owned(), pki.ca.certificate_pem.clone()),
+        ("server.pem".to_owned(), pki.server.certificate_pem.clone()),
+        ("server-key.pem".to_owned(), pki.server.key_pem.clone()),
+    ];
+    let mut fingerprints = String::from("# partner id, SHA-256 of its client certificate\n");
+    for (id, issued) in &pki.partners {
+        files.push((format!("partner-{id}.pem"), issued.certificate_pem.clone()));
+        files.push((format!("partner-{id}-key.pem"), issued.key_pem.clone()));
+        fingerprints.push_str(&format!("{id} {}\n", issued.sha256));
+    }
+    files.push(("fingerprints.txt".to_owned(), fingerprints));
+    for (name, text) in &files {
+        write_private(&out.join(name), text)?;
+    }
+    println!(
+        "wrote {} files to {}; the CA's key was not kept: run again to add partners",
+        files.len(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -494,6 +555,12 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::ExchangePki {
+            out,
+            province,
+            partners,
+            server_names,
+        } => exchange_pki(&out, &province, &partners, &server_names),
         Command::Keys { service } => {
             let secrets = match service.as_str() {
                 "identity" => identity::config::generate_dev_secrets()?,

@@ -64,18 +64,23 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::minutes(5);
 pub const MAX_REASONS: usize = 32;
 
 /// The person's name across provinces: lower-case hex of HMAC-SM3 under the national
-/// pseudonym key over `"<document type number>:<document number>"`, the number trimmed and
-/// upper-cased, so that every province derives the same pseudonym for the same document.
+/// pseudonym key over `"<document type number>:<document number>"`, the number with leading
+/// and trailing whitespace removed and ASCII letters upper-cased (nothing else changed), so
+/// that every province derives the same pseudonym for the same document.
 pub fn pseudonym(key: &[u8], document_type: i32, document_number: &str) -> String {
-    let normalised: String = document_number
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect::<String>()
-        .to_uppercase();
+    let normalised = document_number.trim().to_ascii_uppercase();
     hex::encode(hmac_sm3(
         key,
         format!("{document_type}:{normalised}").as_bytes(),
     ))
+}
+
+/// A time both sides read the same way: nanoseconds in range (libraries differ on what
+/// they do with others).
+fn exact_time(t: &Option<prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    t.as_ref()
+        .filter(|t| (0..=999_999_999).contains(&t.nanos))
+        .and_then(|_| from_ts(t))
 }
 
 fn is_pseudonym(s: &str) -> bool {
@@ -125,14 +130,14 @@ pub fn violations(record: &ExchangeRecord, now: DateTime<Utc>) -> Vec<(String, S
     if record.rule_version == 0 {
         bad("rule_version", "must be 1 or more");
     }
-    let decided = from_ts(&record.decided_at);
+    let decided = exact_time(&record.decided_at);
     match decided {
         None => bad("decided_at", "required, a valid time"),
         Some(t) if t > now + MAX_CLOCK_SKEW => bad("decided_at", "lies in the future"),
         Some(_) => {}
     }
     if record.valid_until.is_some() {
-        match (from_ts(&record.valid_until), decided) {
+        match (exact_time(&record.valid_until), decided) {
             (None, _) => bad("valid_until", "not a valid time"),
             (Some(until), Some(decided)) if until <= decided => {
                 bad("valid_until", "must be after decided_at")
@@ -202,8 +207,8 @@ impl RecordError {
         match self {
             RecordError::Undecodable | RecordError::Malformed(_) => "MALFORMED_RECORD",
             RecordError::NotOwnProvince { .. } => "NOT_OWN_PROVINCE",
-            RecordError::UnknownKey(_) => "UNKNOWN_KEY",
-            RecordError::ForeignKey { .. }
+            RecordError::UnknownKey(_)
+            | RecordError::ForeignKey { .. }
             | RecordError::BadSignature
             | RecordError::RevokedKey(_) => "BAD_SIGNATURE",
         }
@@ -218,21 +223,36 @@ impl RecordError {
     }
 }
 
-/// Opens a received envelope: decodes it, checks every field, that it was issued by
-/// `caller` (when the sender is a partner publishing its own decisions), and that it is
-/// signed with an unrevoked key of the issuing province. Nothing in the envelope is trusted
-/// before that.
+/// Opens a received envelope. The signature is checked first, with the registered key named
+/// by the envelope (key ids are unique across the registry), unrevoked at `now` (the
+/// receipt time); only then is the payload parsed: every field checked, the key's owner
+/// must be the issuing province, and the issuing province must be `caller` (when the sender
+/// is a partner publishing its own decisions).
 pub fn open(
     envelope: &SignedEnvelope,
     caller: Option<&str>,
     key_of: impl Fn(&str) -> Option<PartnerKey>,
     now: DateTime<Utc>,
 ) -> Result<ExchangeRecord, RecordError> {
+    let key =
+        key_of(&envelope.key_id).ok_or_else(|| RecordError::UnknownKey(envelope.key_id.clone()))?;
+    key.key
+        .verify(&envelope.payload, &envelope.signature)
+        .map_err(|_| RecordError::BadSignature)?;
+    if key.revoked_at.is_some_and(|t| t <= now) {
+        return Err(RecordError::RevokedKey(envelope.key_id.clone()));
+    }
     let record =
         ExchangeRecord::decode(&envelope.payload[..]).map_err(|_| RecordError::Undecodable)?;
     let bad = violations(&record, now);
     if !bad.is_empty() {
         return Err(RecordError::Malformed(bad));
+    }
+    if key.province != record.issuing_province {
+        return Err(RecordError::ForeignKey {
+            key_id: envelope.key_id.clone(),
+            owner: key.province,
+        });
     }
     if let Some(caller) = caller
         && caller != record.issuing_province
@@ -241,20 +261,6 @@ pub fn open(
             issued: record.issuing_province,
             caller: caller.to_owned(),
         });
-    }
-    let key =
-        key_of(&envelope.key_id).ok_or_else(|| RecordError::UnknownKey(envelope.key_id.clone()))?;
-    if key.province != record.issuing_province {
-        return Err(RecordError::ForeignKey {
-            key_id: envelope.key_id.clone(),
-            owner: key.province,
-        });
-    }
-    key.key
-        .verify(&envelope.payload, &envelope.signature)
-        .map_err(|_| RecordError::BadSignature)?;
-    if key.revoked_at.is_some_and(|t| t <= now) {
-        return Err(RecordError::RevokedKey(envelope.key_id.clone()));
     }
     Ok(record)
 }
@@ -276,6 +282,17 @@ pub fn still_valid(record: &ExchangeRecord, trusted: bool, now: DateTime<Utc>) -
         && (record.valid_until.is_none() || from_ts(&record.valid_until).is_some_and(|t| t > now))
 }
 
+/// The order that picks a province's latest record: the highest sequence; should two
+/// differing records ever carry one sequence (a store must refuse the second), the
+/// distrusted one, then the stricter, then the larger encoding, so both sides still agree.
+fn latest_order(a: (&ExchangeRecord, bool), b: (&ExchangeRecord, bool)) -> std::cmp::Ordering {
+    a.0.sequence
+        .cmp(&b.0.sequence)
+        .then_with(|| b.1.cmp(&a.1))
+        .then_with(|| severity(a.0.color).cmp(&severity(b.0.color)))
+        .then_with(|| a.0.encode_to_vec().cmp(&b.0.encode_to_vec()))
+}
+
 /// The latest record of each province (highest sequence), with whether its key is still
 /// trusted, ordered by province.
 pub fn latest_per_province<'a>(
@@ -286,7 +303,7 @@ pub fn latest_per_province<'a>(
         let entry = latest
             .entry(record.issuing_province.as_str())
             .or_insert((record, trusted));
-        if record.sequence > entry.0.sequence {
+        if latest_order((record, trusted), *entry).is_gt() {
             *entry = (record, trusted);
         }
     }
@@ -342,7 +359,12 @@ mod tests {
     #[test]
     fn pseudonyms_agree_across_spellings_and_differ_by_key_and_type() {
         let a = pseudonym(KEY, 1, "33010619900101123x");
-        assert_eq!(a, pseudonym(KEY, 1, " 33010619900101123X "));
+        assert_eq!(a, pseudonym(KEY, 1, " 33010619900101123X\t"));
+        assert_ne!(
+            a,
+            pseudonym(KEY, 1, "330106 19900101123X"),
+            "only the ends are trimmed"
+        );
         assert!(is_pseudonym(&a));
         assert_ne!(a, pseudonym(b"another key", 1, "33010619900101123X"));
         assert_ne!(a, pseudonym(KEY, 2, "33010619900101123X"));
@@ -414,18 +436,44 @@ mod tests {
             ("NOT_OWN_PROVINCE", tonic::Code::PermissionDenied)
         );
 
-        // One byte changed.
-        let mut forged = signed.clone();
-        let last = forged.payload.len() - 1;
-        forged.payload[last] ^= 1;
-        let err = open(&forged, Some("310000"), &keys, now()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RecordError::BadSignature | RecordError::Undecodable | RecordError::Malformed(_)
-            ),
-            "{err:?}"
+        // A well-formed change (another sequence) under the old signature.
+        let mut resequenced = r.clone();
+        resequenced.sequence = 6;
+        let forged = SignedEnvelope {
+            payload: resequenced.encode_to_vec(),
+            ..signed.clone()
+        };
+        assert_eq!(
+            open(&forged, Some("310000"), &keys, now()),
+            Err(RecordError::BadSignature)
         );
+        // Garbage under a known key is refused by the signature, before any parsing.
+        let unsigned = SignedEnvelope {
+            payload: vec![0xff; 40],
+            ..signed.clone()
+        };
+        assert_eq!(
+            open(&unsigned, Some("320000"), &keys, now()),
+            Err(RecordError::BadSignature)
+        );
+        // A revocation that takes effect later does not refuse the record now.
+        let later = registry(vec![PartnerKey {
+            province: "310000".into(),
+            key: shanghai.verifying_key(),
+            revoked_at: Some(now() + Duration::minutes(1)),
+        }]);
+        assert_eq!(open(&signed, Some("310000"), &later, now()), Ok(r.clone()));
+        // Out-of-range nanoseconds are malformed, even when signed.
+        let mut odd = record("310000", 9, CodeColor::Green, 0);
+        odd.decided_at.as_mut().unwrap().nanos = 1_000_000_000;
+        let err = open(
+            &seal(&shanghai, &odd).unwrap().envelope.unwrap(),
+            None,
+            &keys,
+            now(),
+        )
+        .unwrap_err();
+        assert_eq!(err.reason(), "MALFORMED_RECORD");
         // Red changed to green under Shanghai's signature.
         let mut altered = r.clone();
         altered.color = CodeColor::Green as i32;
@@ -476,15 +524,18 @@ mod tests {
             now(),
         )
         .unwrap_err();
-        assert_eq!(err.reason(), "UNKNOWN_KEY");
-        let garbage = SignedEnvelope {
-            payload: vec![0xff; 40],
-            signature: vec![1, 2, 3],
-            key_id: "sh-1".into(),
-        };
+        assert_eq!(err, RecordError::UnknownKey("zz-9".into()));
+        assert_eq!(err.reason(), "BAD_SIGNATURE");
+        let mut garbage = seal(&shanghai, &record("310000", 9, CodeColor::Green, 0))
+            .unwrap()
+            .envelope
+            .unwrap();
+        garbage.payload = vec![0xff; 40];
+        garbage.signature = shanghai.sign(&garbage.payload).unwrap();
         assert_eq!(
             open(&garbage, None, &keys, now()).unwrap_err().reason(),
-            "MALFORMED_RECORD"
+            "MALFORMED_RECORD",
+            "signed garbage is refused when parsed"
         );
     }
 
@@ -517,6 +568,25 @@ mod tests {
         let red = record("310000", 5, CodeColor::Red, 200);
         assert_eq!(deciding([(&green, true), (&red, true)], now()), Some(&red));
         assert_eq!(deciding([(&expired_red, true)], now()), None);
+        // Two differing records with one sequence: the same pick in either order.
+        let twin_red = record("320000", 2, CodeColor::Red, 60);
+        assert_eq!(
+            deciding([(&yellow_old, true), (&twin_red, true)], now()),
+            Some(&twin_red)
+        );
+        assert_eq!(
+            deciding([(&twin_red, true), (&yellow_old, true)], now()),
+            Some(&twin_red)
+        );
+        // A twin under a distrusted key is the one kept, and it does not count.
+        assert_eq!(
+            deciding([(&twin_red, false), (&yellow_old, true)], now()),
+            None
+        );
+        assert_eq!(
+            deciding([(&yellow_old, true), (&twin_red, false)], now()),
+            None
+        );
         // Equal color and time: the lower province code, on both sides.
         let a = record("310000", 1, CodeColor::Yellow, 5);
         let b = record("320000", 1, CodeColor::Yellow, 5);

@@ -157,6 +157,21 @@ fn exchange_pki(
     if !exchange::records::is_province(province) {
         bail!("`{province}` is not a GB/T 2260 province-level code");
     }
+    // Checked before anything is written: a partner id names files.
+    let mut seen = std::collections::BTreeSet::new();
+    for id in partners {
+        let well_formed = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-');
+        if !well_formed {
+            bail!("partner id `{id}` must be 1 to 64 of 0-9, a-z and `-`");
+        }
+        if !seen.insert(id) {
+            bail!("partner id `{id}` is given twice");
+        }
+    }
     let pki = exchange::tls::generate_dev_pki(province, server_names, partners)?;
     std::fs::create_dir(out)
         .with_context(|| format!("creating {} (must not exist)", out.display()))?;
@@ -176,7 +191,8 @@ fn exchange_pki(
         write_private(&out.join(name), text)?;
     }
     println!(
-        "wrote {} files to {}; the CA's key was not kept: run again to add partners",
+        "wrote {} files to {}; the CA's key was not kept: adding a partner means a new CA \
+         and handing out every certificate again",
         files.len(),
         out.display()
     );

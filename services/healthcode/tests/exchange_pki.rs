@@ -72,5 +72,9 @@ fn writes_a_dev_pki_once_with_private_keys() {
     let bad = run(&["--province", "999999"], &out);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("GB/T 2260"));
-    assert!(!out.exists());
+    for partners in ["310000,", "310000,310000", "../etc"] {
+        let bad = run(&["--partners", partners], &out);
+        assert!(!bad.status.success(), "{partners}");
+    }
+    assert!(!out.exists(), "nothing is written for a refused command");
 }

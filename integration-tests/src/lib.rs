@@ -1,6 +1,7 @@
 //! What every integration test needs: a fresh PostgreSQL database or SQLite file, its own
 //! Redis key space, fresh keys, and caller tokens. The services run for real, on port 0.
 
+pub mod exchange;
 pub mod mesh;
 pub mod vaccination;
 

@@ -1,11 +1,13 @@
-//! The whole mesh for a test or a benchmark: identity, risk and the gateway, started for
-//! real on port 0 over one backend, with helpers to make verified persons.
+//! The whole mesh for a test or a benchmark: identity, risk, the gateway, testing,
+//! vaccination and the exchange, started for real on port 0 over one backend, with helpers
+//! to make verified persons.
 
 use crate::{Backend, TestKeys, authorized, fresh_postgres_database, fresh_sqlite_url};
 use healthcode_auth::roles;
 use healthcode_config::Env;
 use healthcode_events::Backends;
 use healthcode_proto::common::v1::{DocumentType, PersonRef};
+use healthcode_proto::exchange::v1::exchange_service_client::ExchangeServiceClient;
 use healthcode_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
 use healthcode_proto::identity::v1 as id;
 use healthcode_proto::identity::v1::identity_service_client::IdentityServiceClient;
@@ -26,6 +28,7 @@ pub struct Mesh {
     pub gateway: gateway::Application,
     pub testing: testing::Application,
     pub vaccination: vaccination::Application,
+    pub exchange: exchange::Application,
     /// The testing service's sandbox payment provider and its notifier, as it sees them.
     pub sandbox: Arc<SandboxProvider>,
     pub notifier: Arc<LocalNotifier>,
@@ -105,10 +108,13 @@ impl Mesh {
             database(backend).await,
             database(backend).await,
             database(backend).await,
+            database(backend).await,
         ];
         let mut identity_env = base(databases[0].clone()).with("PROVIDERS", "local");
         for (k, v) in identity::config::generate_dev_secrets().expect("secrets") {
-            identity_env = identity_env.with(k, v);
+            if extra.iter().all(|(name, _)| *name != k) {
+                identity_env = identity_env.with(k, v);
+            }
         }
         let (providers, sms) = Providers::local();
         let identity = identity::Application::build(
@@ -198,7 +204,25 @@ impl Mesh {
         )
         .await
         .expect("vaccination starts");
+        let mut exchange_env = base(databases[5].clone())
+            .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
+            .with("RISK_URL", format!("http://{}", risk.local_addr()))
+            .with("SERVICE_TOKEN", keys.token("exchange", &[roles::INTERNAL]))
+            .with("CONSUMER_NAME", "exchange-test")
+            .with("HEARTBEAT_MS", "500");
+        for (k, v) in exchange::config::generate_dev_secrets().expect("secrets") {
+            if extra.iter().all(|(name, _)| *name != k) {
+                exchange_env = exchange_env.with(k, v);
+            }
+        }
+        let exchange = exchange::Application::build(
+            exchange::config::ExchangeConfig::from_env(&exchange_env).expect("exchange config"),
+            backends.clone(),
+        )
+        .await
+        .expect("exchange starts");
         Mesh {
+            exchange,
             identity,
             risk,
             gateway,
@@ -216,6 +240,7 @@ impl Mesh {
     }
 
     pub async fn stop(self) {
+        self.exchange.shutdown().await;
         self.vaccination.shutdown().await;
         self.testing.shutdown().await;
         self.gateway.shutdown().await;
@@ -224,6 +249,12 @@ impl Mesh {
         for db in &self.databases {
             crate::drop_test_database(db).await;
         }
+    }
+
+    pub async fn exchange_client(&self) -> ExchangeServiceClient<Channel> {
+        ExchangeServiceClient::connect(format!("http://{}", self.exchange.local_addr()))
+            .await
+            .expect("exchange reachable")
     }
 
     pub async fn gateway_client(&self) -> GatewayServiceClient<Channel> {

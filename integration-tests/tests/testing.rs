@@ -95,6 +95,20 @@ async fn open_slot(mesh: &Mesh, institution_id: &str, capacity: u32, hours_ahead
     slot_at(mesh, institution_id, capacity, start).await
 }
 
+/// Offsets from now, in seconds, of a moment before (at most two hours back) and a moment
+/// after (at most one hour ahead) that both fall on today's local day (UTC+8), at least two
+/// minutes clear of either midnight; within four minutes of midnight it waits the turn out.
+async fn one_local_day() -> (i64, i64) {
+    loop {
+        let since = (chrono::Utc::now().timestamp() + 8 * 3600).rem_euclid(86_400);
+        let until = 86_400 - since;
+        if since >= 240 && until >= 240 {
+            return (-(since - 120).min(7200), (until - 120).min(3600));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    }
+}
+
 /// Tomorrow at `hour` o'clock, local time (UTC+8), in Unix seconds.
 fn tomorrow_at(hour: i64) -> i64 {
     let local = chrono::Utc::now().timestamp() + 8 * 3600;
@@ -494,7 +508,7 @@ fn result(tube: &str, outcome: NucleicAcidResult, sampled: i64, reported: i64) -
         tube_id: tube.into(),
         result: outcome as i32,
         sampled_at: at(sampled),
-        received_at: at(sampled + 600),
+        received_at: at(sampled + (reported - sampled) / 2),
         reported_at: at(reported),
         ct_orf1ab: 0.0,
         ct_n: 0.0,
@@ -701,7 +715,16 @@ async fn a_positive_pool_turns_members_yellow_and_the_retest_decides_each() {
 
     // Retests: free bookings from the notices, single tubes; member 0 negative, member 1
     // positive; member 2 not yet retested.
-    let retest_slot = open_slot(&mesh, &site.institution_id, 10, 1).await;
+    // A sample consumes the booking of its own local day, so the retest samples and the
+    // retest slot must share one whatever the hour the test runs at.
+    let (back, ahead) = one_local_day().await;
+    let retest_slot = slot_at(
+        &mesh,
+        &site.institution_id,
+        10,
+        chrono::Utc::now().timestamp() + ahead,
+    )
+    .await;
     let mut tubes = Vec::new();
     for (n, id) in members.iter().take(2).enumerate() {
         let notice = notices
@@ -734,7 +757,7 @@ async fn a_positive_pool_turns_members_yellow_and_the_retest_decides_each() {
             &tube,
             SampleKind::SingleTube,
             std::slice::from_ref(id),
-            at(-2 * 3600),
+            at(back),
         )
         .await;
         assert_eq!(s.booking_ids, vec![booking.booking_id.clone()]);
@@ -744,8 +767,8 @@ async fn a_positive_pool_turns_members_yellow_and_the_retest_decides_each() {
         &mesh,
         &t.lab,
         vec![
-            result(&tubes[0], NucleicAcidResult::Negative, -2 * 3600, -3600),
-            result(&tubes[1], NucleicAcidResult::Positive, -2 * 3600, -3600),
+            result(&tubes[0], NucleicAcidResult::Negative, back, back / 2),
+            result(&tubes[1], NucleicAcidResult::Positive, back, back / 2),
         ],
     )
     .await;

@@ -6,7 +6,7 @@
 //! which is what makes the merged color agree.
 
 use chrono::{DateTime, Duration, Utc};
-use healthcode_crypto::{SigningKey, VerifyingKey, hmac_sm3};
+use healthcode_crypto::{SigningKey, VerifyingKey};
 use healthcode_proto::common::v1::{CodeColor, ReasonCode, SignedEnvelope};
 use healthcode_proto::exchange::v1::{ExchangeRecord, SignedRecord};
 use healthcode_proto::time::from_ts;
@@ -68,11 +68,7 @@ pub const MAX_REASONS: usize = 32;
 /// and trailing whitespace removed and ASCII letters upper-cased (nothing else changed), so
 /// that every province derives the same pseudonym for the same document.
 pub fn pseudonym(key: &[u8], document_type: i32, document_number: &str) -> String {
-    let normalised = document_number.trim().to_ascii_uppercase();
-    hex::encode(hmac_sm3(
-        key,
-        format!("{document_type}:{normalised}").as_bytes(),
-    ))
+    healthcode_crypto::exchange_pseudonym(key, document_type, document_number)
 }
 
 /// A time both sides read the same way: nanoseconds in range (libraries differ on what
@@ -334,6 +330,7 @@ pub fn deciding<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use healthcode_crypto::hmac_sm3;
     use healthcode_proto::time::ts;
 
     const KEY: &[u8] = b"national pseudonym key, test only";

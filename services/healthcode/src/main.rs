@@ -40,6 +40,10 @@ enum Command {
         testing_port: u16,
         #[arg(long, env = "VACCINATION_PORT", default_value_t = 50054)]
         vaccination_port: u16,
+        /// Port of the exchange's internal listener (its partner listener needs
+        /// PARTNER_TLS_DIR, see `exchange-pki`).
+        #[arg(long, env = "EXCHANGE_PORT", default_value_t = 50055)]
+        exchange_port: u16,
     },
     /// Loads a realistic set of testing institutions with slots into the testing service's
     /// database (`DATABASE_URL`, or the embedded default's file in the data directory).
@@ -237,6 +241,19 @@ fn dev_secrets(data_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
         }
         added = true;
     }
+    if !entries.contains_key("EXCHANGE_SIGNING_KEY") {
+        for (k, v) in exchange::config::generate_dev_secrets()? {
+            entries.insert(format!("EXCHANGE_{k}"), v);
+        }
+        added = true;
+    }
+    if !entries.contains_key("EXCHANGE_PSEUDONYM_KEY") {
+        entries.insert(
+            "EXCHANGE_PSEUDONYM_KEY".into(),
+            healthcode_crypto::PseudonymKey::generate_hex()?,
+        );
+        added = true;
+    }
     if added {
         if path.exists() {
             std::fs::remove_file(&path)?;
@@ -269,7 +286,7 @@ fn shared_env(secrets: &BTreeMap<String, String>, issuer: &TokenIssuer) -> Env {
     let mut env = process.clone();
     for (k, v) in secrets {
         if process.raw(k).is_none()
-            && !["GATEWAY_", "TESTING_", "VACCINATION_"]
+            && !["GATEWAY_", "TESTING_", "VACCINATION_", "EXCHANGE_SIGNING_"]
                 .iter()
                 .any(|p| k.starts_with(p))
         {
@@ -309,6 +326,7 @@ struct Ports {
     gateway: u16,
     testing: u16,
     vaccination: u16,
+    exchange: u16,
 }
 
 /// The `PREFIX_`-named development secrets, without their prefix.
@@ -435,9 +453,28 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     let vaccination_env = prefixed(vaccination_env, &secrets, "VACCINATION_");
     let vaccination_config = vaccination::config::VaccinationConfig::from_env(&vaccination_env)
         .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
-    let vaccination = vaccination::Application::build(vaccination_config, backends)
+    let vaccination = vaccination::Application::build(vaccination_config, backends.clone())
         .await
         .context("starting vaccination")?;
+
+    let exchange_env = service_env(
+        &base,
+        &data_dir,
+        "exchange",
+        format!("{host}:{}", ports.exchange),
+    )
+    .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
+    .with("RISK_URL", format!("http://{}", risk.local_addr()))
+    .with(
+        "SERVICE_TOKEN",
+        issuer.mint("exchange", &[roles::INTERNAL], now(), 30 * 24 * 3600)?,
+    );
+    let exchange_env = prefixed(exchange_env, &secrets, "EXCHANGE_");
+    let exchange_config = exchange::config::ExchangeConfig::from_env(&exchange_env)
+        .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
+    let exchange = exchange::Application::build(exchange_config, backends)
+        .await
+        .context("starting the exchange")?;
     let token = issuer.mint("healthcode-up", roles::ALL, now(), 24 * 3600)?;
 
     println!(
@@ -449,6 +486,13 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     println!("  risk      {}", risk.local_addr());
     println!("  testing   {}", testing.local_addr());
     println!("  vaccination {}", vaccination.local_addr());
+    match exchange.partner_addr() {
+        Some(partners) => println!(
+            "  exchange  {} (partners, mutual TLS: {partners})",
+            exchange.local_addr()
+        ),
+        None => println!("  exchange  {}", exchange.local_addr()),
+    }
     println!();
     println!("development caller token (all roles, 24 h):");
     println!("  {token}");
@@ -458,6 +502,7 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     println!("press Ctrl-C to stop");
 
     healthcode_server::shutdown_signal().await;
+    exchange.shutdown().await;
     vaccination.shutdown().await;
     testing.shutdown().await;
     gateway.shutdown().await;
@@ -509,6 +554,7 @@ fn main() -> anyhow::Result<()> {
             gateway_port,
             testing_port,
             vaccination_port,
+            exchange_port,
         } => {
             let runtime = tokio::runtime::Runtime::new()?;
             let ports = Ports {
@@ -517,6 +563,7 @@ fn main() -> anyhow::Result<()> {
                 gateway: gateway_port,
                 testing: testing_port,
                 vaccination: vaccination_port,
+                exchange: exchange_port,
             };
             runtime.block_on(up(data_dir, host, ports))
         }
@@ -585,8 +632,9 @@ fn main() -> anyhow::Result<()> {
                 "testing" => testing::config::generate_dev_secrets()?,
                 "vaccination" => vaccination::config::generate_dev_secrets(chrono::Utc::now())
                     .map_err(|e| anyhow::anyhow!("vaccination secrets: {e}"))?,
+                "exchange" => exchange::config::generate_dev_secrets()?,
                 _ => bail!(
-                    "unknown service `{service}`; known: identity, risk, gateway, testing, vaccination"
+                    "unknown service `{service}`; known: identity, risk, gateway, testing, vaccination, exchange"
                 ),
             };
             for (k, v) in secrets {

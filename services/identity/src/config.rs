@@ -3,7 +3,7 @@
 use crate::service::PhonePolicy;
 use healthcode_cache::RedisSettings;
 use healthcode_config::{ConfigError, Env};
-use healthcode_crypto::{BlindIndex, FieldCipher, SigningKey, TrustedKeys};
+use healthcode_crypto::{BlindIndex, FieldCipher, PseudonymKey, SigningKey, TrustedKeys};
 use healthcode_db::DbConfig;
 use healthcode_server::ServerSettings;
 use healthcode_telemetry::TelemetryConfig;
@@ -47,6 +47,9 @@ pub struct IdentityConfig {
     pub retired_keys: TrustedKeys,
     pub issuer_keys: TrustedKeys,
     pub phone: PhonePolicy,
+    /// `EXCHANGE_PSEUDONYM_KEY` (64 hex) and `EXCHANGE_PSEUDONYM_KEY_ID`: the national
+    /// pseudonym key, the same in every province; unset = no cross-province exchange.
+    pub exchange_pseudonym: Option<PseudonymKey>,
 }
 
 impl IdentityConfig {
@@ -75,7 +78,18 @@ impl IdentityConfig {
             attempts: env.or("PHONE_CODE_ATTEMPTS", 5u32)?.max(1),
             codes_per_hour: env.or("PHONE_CODES_PER_HOUR", 5u64)?.max(1),
         };
+        let exchange_pseudonym = match env.optional::<String>("EXCHANGE_PSEUDONYM_KEY")? {
+            None => None,
+            Some(hex) => Some(
+                PseudonymKey::from_hex(
+                    env.or("EXCHANGE_PSEUDONYM_KEY_ID", "national-1".to_owned())?,
+                    hex.trim(),
+                )
+                .map_err(|e| ConfigError::invalid("EXCHANGE_PSEUDONYM_KEY", e))?,
+            ),
+        };
         Ok(IdentityConfig {
+            exchange_pseudonym,
             providers: env.required("PROVIDERS")?,
             server: ServerSettings::from_env(env, ([0, 0, 0, 0], DEFAULT_PORT).into())?,
             db: DbConfig::from_env(env)?,
@@ -101,5 +115,9 @@ pub fn generate_dev_secrets() -> Result<Vec<(String, String)>, healthcode_crypto
         ("BLIND_INDEX_KEY".into(), BlindIndex::generate_hex()?),
         ("SIGNING_KEY".into(), signing_key.secret_hex()),
         ("SIGNING_KEY_ID".into(), signing_key.key_id().to_owned()),
+        (
+            "EXCHANGE_PSEUDONYM_KEY".into(),
+            PseudonymKey::generate_hex()?,
+        ),
     ])
 }

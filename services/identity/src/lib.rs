@@ -58,6 +58,7 @@ impl Application {
             Arc::new(identity),
             TokenVerifier::new(config.issuer_keys),
             config.retired_keys,
+            config.exchange_pseudonym,
         );
         let routes = tonic::service::Routes::new(
             IdentityServiceServer::new(rpc)

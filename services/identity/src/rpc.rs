@@ -9,7 +9,7 @@ use crate::service::{Identity, Registration, StatusView};
 use crate::store::{PersonRecord, REVIEW_APPROVED, REVIEW_PENDING, REVIEW_REJECTED, ReviewRecord};
 use chrono::{DateTime, Utc};
 use healthcode_auth::{Caller, TokenVerifier, require_any, roles};
-use healthcode_crypto::{TrustedKeys, VerifyingKey};
+use healthcode_crypto::{PseudonymKey, TrustedKeys, VerifyingKey};
 use healthcode_errors::{ServiceError, Violations};
 use healthcode_proto::common::v1 as common;
 use healthcode_proto::identity::v1 as pb;
@@ -21,18 +21,24 @@ pub struct IdentityRpc {
     identity: Arc<Identity>,
     verifier: TokenVerifier,
     retired_keys: TrustedKeys,
+    pseudonym_key: Option<PseudonymKey>,
 }
+
+/// Persons per GetExchangePseudonyms call.
+pub const MAX_PSEUDONYM_BATCH: usize = 1_000;
 
 impl IdentityRpc {
     pub fn new(
         identity: Arc<Identity>,
         verifier: TokenVerifier,
         retired_keys: TrustedKeys,
+        pseudonym_key: Option<PseudonymKey>,
     ) -> Self {
         IdentityRpc {
             identity,
             verifier,
             retired_keys,
+            pseudonym_key,
         }
     }
 
@@ -627,6 +633,52 @@ impl IdentityService for IdentityRpc {
                 })
                 .collect(),
         }))
+    }
+
+    async fn get_exchange_pseudonyms(
+        &self,
+        request: Request<pb::GetExchangePseudonymsRequest>,
+    ) -> RpcResult<pb::GetExchangePseudonymsResponse> {
+        self.caller(&request, &[roles::INTERNAL])?;
+        let persons = &request.get_ref().persons;
+        let mut v = Violations::new();
+        if persons.is_empty() || persons.len() > MAX_PSEUDONYM_BATCH {
+            v.add("persons", "1 to 1,000 persons");
+        }
+        let ids: Vec<Option<String>> = persons
+            .iter()
+            .enumerate()
+            .map(|(i, p)| person_id(&mut v, &format!("persons[{i}]"), Some(p)))
+            .collect();
+        v.finish()?;
+        let Some(key) = &self.pseudonym_key else {
+            return Err(ServiceError::precondition(
+                "PSEUDONYM_KEY_NOT_CONFIGURED",
+                "this deployment holds no national pseudonym key (EXCHANGE_PSEUDONYM_KEY)",
+            )
+            .into());
+        };
+        let mut out = pb::GetExchangePseudonymsResponse::default();
+        for (index, id) in ids.into_iter().enumerate() {
+            let id = id.unwrap_or_default();
+            match self.identity.person(&id).await {
+                Ok(person) => out.pseudonyms.push(pb::ExchangePseudonym {
+                    person: person_ref(&person.id),
+                    pseudonym: key
+                        .pseudonym(person.document.kind().code(), person.document.number()),
+                    pseudonym_key_id: key.key_id().to_owned(),
+                }),
+                Err(ServiceError::NotFound(message)) => out.errors.push(common::ItemError {
+                    index: index as u32,
+                    item_id: id,
+                    code: tonic::Code::NotFound as i32,
+                    reason: "PERSON_NOT_FOUND".into(),
+                    message,
+                }),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(Response::new(out))
     }
 
     async fn get_public_keys(

@@ -8,9 +8,7 @@ use chrono::Utc;
 use healthcode_auth::{Caller, TokenVerifier, require_any, roles};
 use healthcode_errors::fields::{self, request_id, text};
 use healthcode_errors::{ServiceError, Violations};
-use healthcode_proto::common::v1::{
-    GeoPoint, GetPublicKeysRequest, GetPublicKeysResponse, PageRequest, PersonRef,
-};
+use healthcode_proto::common::v1::{GeoPoint, GetPublicKeysRequest, GetPublicKeysResponse};
 use healthcode_proto::testing::v1 as pb;
 use pb::testing_service_server::TestingService;
 use pb::{InstitutionKind, PaymentOutcome, PaymentProvider, RetestNoticeState, SampleKind};
@@ -45,40 +43,6 @@ fn st(err: ServiceError) -> Status {
 
 fn ok<T>(result: Result<T, ServiceError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(st)
-}
-
-fn person_id(v: &mut Violations, field: &str, person: &Option<PersonRef>) -> String {
-    fields::person_id(v, field, person.as_ref().map(|p| p.person_id.as_str()))
-}
-
-fn page(v: &mut Violations, page: &Option<PageRequest>) -> (u64, u64) {
-    let page = page.clone().unwrap_or_default();
-    fields::page(v, page.page_size, &page.page_token)
-}
-
-/// An id this service issued, or a barcode: printable ASCII, 1 to 64 characters.
-fn id(v: &mut Violations, field: &str, value: &str) {
-    if value.is_empty() || value.len() > 64 || !value.chars().all(|c| c.is_ascii_graphic()) {
-        v.add(field, "required: 1 to 64 printable ASCII characters");
-    }
-}
-
-fn point(v: &mut Violations, field: &str, p: &Option<GeoPoint>) -> GeoPoint {
-    match p {
-        None => {
-            v.add(field, "required");
-            GeoPoint::default()
-        }
-        Some(p) => {
-            if !(-90.0..=90.0).contains(&p.latitude) {
-                v.add(format!("{field}.latitude"), "-90 to 90");
-            }
-            if !(-180.0..=180.0).contains(&p.longitude) {
-                v.add(format!("{field}.longitude"), "-180 to 180");
-            }
-            *p
-        }
-    }
 }
 
 fn sample_kind(v: &mut Violations, field: &str, value: i32, allow_unspecified: bool) -> SampleKind {
@@ -131,11 +95,11 @@ fn check_institution(v: &mut Violations, i: &pb::Institution, prefix: &str) {
     }
     text(v, &f("name"), &i.name, 128, true);
     text(v, &f("address"), &i.address, 256, false);
-    point(v, &f("location"), &i.location);
+    fields::point(v, &f("location"), &i.location);
     if i.division_code.len() != 6 || !i.division_code.chars().all(|c| c.is_ascii_digit()) {
         v.add(f("division_code"), "a GB/T 2260 county code: six digits");
     }
-    id(v, &f("licence_number"), &i.licence_number);
+    fields::id(v, &f("licence_number"), &i.licence_number);
     for (n, h) in i.opening_hours.iter().enumerate() {
         if !(1..=7).contains(&h.weekday) {
             v.add(f(&format!("opening_hours[{n}].weekday")), "1 (Monday) to 7");
@@ -209,7 +173,7 @@ impl TestingService for TestingRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         let changes = req.institution.unwrap_or_default();
-        id(
+        fields::id(
             &mut v,
             "institution.institution_id",
             &changes.institution_id,
@@ -262,7 +226,7 @@ impl TestingService for TestingRpc {
         self.caller(&request, &[])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        id(&mut v, "institution_id", &req.institution_id);
+        fields::id(&mut v, "institution_id", &req.institution_id);
         v.finish().map_err(st)?;
         ok(self.testing.institution(&req.institution_id).await)
     }
@@ -276,9 +240,11 @@ impl TestingService for TestingRpc {
         let mut v = Violations::new();
         use pb::search_institutions_request::Near;
         let near = match &req.near {
-            Some(Near::Location(p)) => Some(Near::Location(point(&mut v, "location", &Some(*p)))),
+            Some(Near::Location(p)) => {
+                Some(Near::Location(fields::point(&mut v, "location", &Some(*p))))
+            }
             Some(Near::PlaceCode(code)) => {
-                id(&mut v, "place_code", code);
+                fields::id(&mut v, "place_code", code);
                 Some(Near::PlaceCode(code.clone()))
             }
             None => {
@@ -291,7 +257,7 @@ impl TestingService for TestingRpc {
         }
         let window = window(&mut v, &req.window_start, &req.window_end);
         let kind = sample_kind(&mut v, "sample_kind", req.sample_kind, true);
-        let page = page(&mut v, &req.page);
+        let page = fields::page_request(&mut v, &req.page);
         v.finish().map_err(st)?;
         let center = match near {
             Some(Near::Location(p)) => p,
@@ -317,7 +283,7 @@ impl TestingService for TestingRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        id(&mut v, "institution_id", &req.institution_id);
+        fields::id(&mut v, "institution_id", &req.institution_id);
         if req.windows.is_empty() || req.windows.len() > MAX_WINDOWS {
             v.add("windows", "1 to 2000 windows");
         }
@@ -360,9 +326,9 @@ impl TestingService for TestingRpc {
         self.caller(&request, &[])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        id(&mut v, "institution_id", &req.institution_id);
+        fields::id(&mut v, "institution_id", &req.institution_id);
         let window = window(&mut v, &req.window_start, &req.window_end);
-        let page = page(&mut v, &req.page);
+        let page = fields::page_request(&mut v, &req.page);
         v.finish().map_err(st)?;
         ok(self
             .testing
@@ -378,14 +344,14 @@ impl TestingService for TestingRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        let person = person_id(&mut v, "person", &req.person);
-        id(&mut v, "slot_id", &req.slot_id);
+        let person = fields::person_ref(&mut v, "person", &req.person);
+        fields::id(&mut v, "slot_id", &req.slot_id);
         let kind = sample_kind(&mut v, "sample_kind", req.sample_kind, false);
         if !req.place_code.is_empty() {
-            id(&mut v, "place_code", &req.place_code);
+            fields::id(&mut v, "place_code", &req.place_code);
         }
         if !req.retest_notice_id.is_empty() {
-            id(&mut v, "retest_notice_id", &req.retest_notice_id);
+            fields::id(&mut v, "retest_notice_id", &req.retest_notice_id);
         }
         v.finish().map_err(st)?;
         ok(self
@@ -410,7 +376,7 @@ impl TestingService for TestingRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        id(&mut v, "booking_id", &req.booking_id);
+        fields::id(&mut v, "booking_id", &req.booking_id);
         text(&mut v, "reason", &req.reason, 64, false);
         v.finish().map_err(st)?;
         ok(self
@@ -426,7 +392,7 @@ impl TestingService for TestingRpc {
         let caller = self.caller(&request, &[roles::APP, roles::INSTITUTION])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        id(&mut v, "booking_id", &req.booking_id);
+        fields::id(&mut v, "booking_id", &req.booking_id);
         v.finish().map_err(st)?;
         let b = self
             .testing
@@ -443,8 +409,8 @@ impl TestingService for TestingRpc {
         self.caller(&request, &[roles::APP])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let person = person_id(&mut v, "person", &req.person);
-        let page = page(&mut v, &req.page);
+        let person = fields::person_ref(&mut v, "person", &req.person);
+        let page = fields::page_request(&mut v, &req.page);
         v.finish().map_err(st)?;
         ok(self.testing.list_bookings(&person, page).await)
     }
@@ -465,7 +431,7 @@ impl TestingService for TestingRpc {
                 "required: 1 to 128 printable characters (a UUID)",
             );
         }
-        id(&mut v, "booking_id", &req.booking_id);
+        fields::id(&mut v, "booking_id", &req.booking_id);
         if matches!(
             PaymentProvider::try_from(req.provider),
             Ok(PaymentProvider::Unspecified) | Err(_)
@@ -486,7 +452,7 @@ impl TestingService for TestingRpc {
         self.caller(&request, &[roles::PAYMENT_PROVIDER])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        id(&mut v, "payment_id", &req.payment_id);
+        fields::id(&mut v, "payment_id", &req.payment_id);
         if req.notification_id.is_empty() || req.notification_id.len() > 128 {
             v.add("notification_id", "required: at most 128 characters");
         }
@@ -541,7 +507,7 @@ impl TestingService for TestingRpc {
         self.caller(&request, &[roles::APP, roles::PAYMENT_PROVIDER])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        id(&mut v, "payment_id", &req.payment_id);
+        fields::id(&mut v, "payment_id", &req.payment_id);
         v.finish().map_err(st)?;
         ok(self.testing.payment(&req.payment_id).await)
     }
@@ -554,7 +520,7 @@ impl TestingService for TestingRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        id(&mut v, "tube_id", &req.tube_id);
+        fields::id(&mut v, "tube_id", &req.tube_id);
         let kind = sample_kind(&mut v, "kind", req.kind, false);
         if req.persons.is_empty() || req.persons.len() > MAX_POOL_SIZE as usize {
             v.add("persons", "1 to 20 persons");
@@ -664,8 +630,8 @@ impl TestingService for TestingRpc {
         self.caller(&request, &[roles::APP, roles::INTERNAL])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let person = person_id(&mut v, "person", &req.person);
-        let page = page(&mut v, &req.page);
+        let person = fields::person_ref(&mut v, "person", &req.person);
+        let page = fields::page_request(&mut v, &req.page);
         let since = req.since.as_ref().and_then(|_| from_ts(&req.since));
         let until = req.until.as_ref().and_then(|_| from_ts(&req.until));
         if req.since.is_some() && since.is_none() {
@@ -685,7 +651,7 @@ impl TestingService for TestingRpc {
         self.caller(&request, &[roles::APP, roles::INTERNAL, roles::OFFICIAL])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        id(&mut v, "report_id", &req.report_id);
+        fields::id(&mut v, "report_id", &req.report_id);
         v.finish().map_err(st)?;
         ok(self.testing.report(&req.report_id).await)
     }
@@ -700,7 +666,7 @@ impl TestingService for TestingRpc {
         let person = req
             .person
             .as_ref()
-            .map(|_| person_id(&mut v, "person", &req.person));
+            .map(|_| fields::person_ref(&mut v, "person", &req.person));
         if person.is_none() && !caller.has(roles::OFFICIAL) {
             v.add("person", "required (all notices are for officials)");
         }
@@ -708,7 +674,7 @@ impl TestingService for TestingRpc {
             v.add("state", "unknown state");
             RetestNoticeState::Unspecified
         });
-        let page = page(&mut v, &req.page);
+        let page = fields::page_request(&mut v, &req.page);
         v.finish().map_err(st)?;
         ok(self
             .testing
@@ -723,9 +689,9 @@ impl TestingService for TestingRpc {
         self.caller(&request, &[roles::APP])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let person = person_id(&mut v, "person", &req.person);
+        let person = fields::person_ref(&mut v, "person", &req.person);
         if !req.report_id.is_empty() {
-            id(&mut v, "report_id", &req.report_id);
+            fields::id(&mut v, "report_id", &req.report_id);
         }
         v.finish().map_err(st)?;
         ok(self

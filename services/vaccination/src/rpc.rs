@@ -8,8 +8,7 @@ use healthcode_crypto::VerifyingKey;
 use healthcode_errors::fields::{self, request_id, text};
 use healthcode_errors::{ServiceError, Violations};
 use healthcode_proto::common::v1::{
-    GeoPoint, GetPublicKeysRequest, GetPublicKeysResponse, Locale, PageRequest, PersonRef,
-    SignedEnvelope,
+    GetPublicKeysRequest, GetPublicKeysResponse, Locale, SignedEnvelope,
 };
 use healthcode_proto::vaccination::v1 as pb;
 use pb::vaccination_service_server::VaccinationService;
@@ -46,40 +45,6 @@ fn ok<T>(result: Result<T, ServiceError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
 
-fn person_id(v: &mut Violations, field: &str, person: &Option<PersonRef>) -> String {
-    fields::person_id(v, field, person.as_ref().map(|p| p.person_id.as_str()))
-}
-
-fn page(v: &mut Violations, page: &Option<PageRequest>) -> (u64, u64) {
-    let page = page.clone().unwrap_or_default();
-    fields::page(v, page.page_size, &page.page_token)
-}
-
-/// An id or code: printable ASCII, 1 to 64 characters.
-fn id(v: &mut Violations, field: &str, value: &str) {
-    if value.is_empty() || value.len() > 64 || !value.chars().all(|c| c.is_ascii_graphic()) {
-        v.add(field, "required: 1 to 64 printable ASCII characters");
-    }
-}
-
-fn point(v: &mut Violations, field: &str, p: &Option<GeoPoint>) -> GeoPoint {
-    match p {
-        None => {
-            v.add(field, "required");
-            GeoPoint::default()
-        }
-        Some(p) => {
-            if !(-90.0..=90.0).contains(&p.latitude) {
-                v.add(format!("{field}.latitude"), "-90 to 90");
-            }
-            if !(-180.0..=180.0).contains(&p.longitude) {
-                v.add(format!("{field}.longitude"), "-180 to 180");
-            }
-            *p
-        }
-    }
-}
-
 fn division(v: &mut Violations, field: &str, code: &str, required: bool) {
     if (required || !code.is_empty())
         && (code.len() != 6 || !code.chars().all(|c| c.is_ascii_digit()))
@@ -113,7 +78,7 @@ fn check_vaccine(v: &mut Violations, x: &pb::Vaccine) {
     ] {
         text(v, &f(name), value, 128, true);
     }
-    id(v, &f("approval_number"), &x.approval_number);
+    fields::id(v, &f("approval_number"), &x.approval_number);
     if !(1..=5).contains(&x.doses_in_course) {
         v.add(f("doses_in_course"), "1 to 5");
     }
@@ -169,7 +134,7 @@ fn check_batches(v: &mut Violations, field: &str, batches: &[pb::VaccineBatch], 
         return;
     }
     for (i, b) in batches.iter().enumerate() {
-        id(v, &format!("{field}[{i}].batch_number"), &b.batch_number);
+        fields::id(v, &format!("{field}[{i}].batch_number"), &b.batch_number);
         if from_ts(&b.expires_at).is_none() {
             v.add(format!("{field}[{i}].expires_at"), "required");
         }
@@ -192,15 +157,15 @@ fn signed_dose(
             "required: a DER SM2 signature",
         );
     }
-    id(v, &format!("{field}.key_id"), &envelope.key_id);
+    fields::id(v, &format!("{field}.key_id"), &envelope.key_id);
     let Ok(claims) = pb::DoseClaims::decode(&envelope.payload[..]) else {
         v.add(format!("{field}.payload"), "not a DoseClaims message");
         return None;
     };
     let f = |name: &str| format!("{field}.payload.{name}");
-    person_id(v, &f("person"), &claims.person);
-    id(v, &f("vaccine_id"), &claims.vaccine_id);
-    id(v, &f("batch_number"), &claims.batch_number);
+    fields::person_ref(v, &f("person"), &claims.person);
+    fields::id(v, &f("vaccine_id"), &claims.vaccine_id);
+    fields::id(v, &f("batch_number"), &claims.batch_number);
     if !(1..=10).contains(&claims.dose_number) {
         v.add(f("dose_number"), "1 to 10");
     }
@@ -212,8 +177,8 @@ fn signed_dose(
         Some(t) if t.timestamp() % 60 != 0 => v.add(f("administered_at"), "to the minute"),
         Some(_) => {}
     }
-    id(v, &f("site_id"), &claims.site_id);
-    id(v, &f("worker_id"), &claims.worker_id);
+    fields::id(v, &f("site_id"), &claims.site_id);
+    fields::id(v, &f("worker_id"), &claims.worker_id);
     Some((envelope.clone(), claims))
 }
 
@@ -243,7 +208,7 @@ impl VaccinationService for VaccinationRpc {
         self.caller(&request, &[])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        id(&mut v, "vaccine_id", &req.vaccine_id);
+        fields::id(&mut v, "vaccine_id", &req.vaccine_id);
         v.finish()?;
         ok(self.service.vaccine(&req.vaccine_id).await)
     }
@@ -259,7 +224,7 @@ impl VaccinationService for VaccinationRpc {
             v.add("type", "unknown vaccine type");
             VaccineType::Unspecified
         });
-        let (offset, limit) = page(&mut v, &req.page);
+        let (offset, limit) = fields::page_request(&mut v, &req.page);
         v.finish()?;
         ok(self.service.list_vaccines(kind, offset, limit).await)
     }
@@ -272,7 +237,7 @@ impl VaccinationService for VaccinationRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        id(&mut v, "vaccine_id", &req.vaccine_id);
+        fields::id(&mut v, "vaccine_id", &req.vaccine_id);
         check_batches(&mut v, "batches", &req.batches, true);
         v.finish()?;
         ok(self
@@ -291,9 +256,9 @@ impl VaccinationService for VaccinationRpc {
         request_id(&mut v, &req.request_id);
         let site = req.site.unwrap_or_default();
         text(&mut v, "site.name", &site.name, 128, true);
-        id(&mut v, "site.unit_code", &site.unit_code);
+        fields::id(&mut v, "site.unit_code", &site.unit_code);
         text(&mut v, "site.address", &site.address, 256, false);
-        point(&mut v, "site.location", &site.location);
+        fields::point(&mut v, "site.location", &site.location);
         division(&mut v, "site.division_code", &site.division_code, true);
         text(&mut v, "site.public_phone", &site.public_phone, 32, false);
         v.finish()?;
@@ -307,7 +272,7 @@ impl VaccinationService for VaccinationRpc {
         self.caller(&request, &[])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        id(&mut v, "site_id", &req.site_id);
+        fields::id(&mut v, "site_id", &req.site_id);
         v.finish()?;
         ok(self.service.site(&req.site_id).await)
     }
@@ -319,7 +284,10 @@ impl VaccinationService for VaccinationRpc {
         self.caller(&request, &[])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let near = req.near.as_ref().map(|_| point(&mut v, "near", &req.near));
+        let near = req
+            .near
+            .as_ref()
+            .map(|_| fields::point(&mut v, "near", &req.near));
         let radius = match req.radius_m {
             0 => 5_000,
             r if r > MAX_RADIUS_M => {
@@ -329,7 +297,7 @@ impl VaccinationService for VaccinationRpc {
             r => r,
         };
         division(&mut v, "division_code", &req.division_code, false);
-        let (offset, limit) = page(&mut v, &req.page);
+        let (offset, limit) = fields::page_request(&mut v, &req.page);
         v.finish()?;
         ok(self
             .service
@@ -345,10 +313,10 @@ impl VaccinationService for VaccinationRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        id(&mut v, "site_id", &req.site_id);
-        id(&mut v, "worker_id", &req.worker_id);
+        fields::id(&mut v, "site_id", &req.site_id);
+        fields::id(&mut v, "worker_id", &req.worker_id);
         let key = req.key.unwrap_or_default();
-        id(&mut v, "key.key_id", &key.key_id);
+        fields::id(&mut v, "key.key_id", &key.key_id);
         if !key.algorithm.eq_ignore_ascii_case("SM2") {
             v.add("key.algorithm", "SM2");
         }
@@ -387,8 +355,8 @@ impl VaccinationService for VaccinationRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        id(&mut v, "site_id", &req.site_id);
-        id(&mut v, "key_id", &req.key_id);
+        fields::id(&mut v, "site_id", &req.site_id);
+        fields::id(&mut v, "key_id", &req.key_id);
         text(&mut v, "reason", &req.reason, 256, true);
         v.finish()?;
         own_site(&caller, &req.site_id)?;
@@ -429,7 +397,7 @@ impl VaccinationService for VaccinationRpc {
         self.caller(&request, &[roles::APP, roles::INTERNAL, roles::OFFICIAL])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let person = person_id(&mut v, "person", &req.person);
+        let person = fields::person_ref(&mut v, "person", &req.person);
         v.finish()?;
         ok(self
             .service
@@ -446,9 +414,9 @@ impl VaccinationService for VaccinationRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        person_id(&mut v, "person", &req.person);
-        id(&mut v, "vaccine_id", &req.vaccine_id);
-        id(&mut v, "batch_number", &req.batch_number);
+        fields::person_ref(&mut v, "person", &req.person);
+        fields::id(&mut v, "vaccine_id", &req.vaccine_id);
+        fields::id(&mut v, "batch_number", &req.batch_number);
         if !(1..=10).contains(&req.dose_number) {
             v.add("dose_number", "1 to 10");
         }
@@ -457,7 +425,7 @@ impl VaccinationService for VaccinationRpc {
             Some(t) if t > Utc::now() => v.add("administered_at", "must not be in the future"),
             Some(_) => {}
         }
-        id(&mut v, "site_id", &req.site_id);
+        fields::id(&mut v, "site_id", &req.site_id);
         text(&mut v, "statement", &req.statement, 1_000, true);
         if req.evidence_image.len() > MAX_EVIDENCE {
             v.add("evidence_image", "at most 2 MiB");
@@ -499,7 +467,7 @@ impl VaccinationService for VaccinationRpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         request_id(&mut v, &req.request_id);
-        id(&mut v, "late_entry_id", &req.late_entry_id);
+        fields::id(&mut v, "late_entry_id", &req.late_entry_id);
         let decision = match LateEntryDecision::try_from(req.decision) {
             Ok(LateEntryDecision::Approve) => true,
             Ok(LateEntryDecision::Reject) => {
@@ -564,7 +532,7 @@ impl VaccinationService for VaccinationRpc {
             }
         };
         let person = match &req.person {
-            Some(_) => person_id(&mut v, "person", &req.person),
+            Some(_) => fields::person_ref(&mut v, "person", &req.person),
             None if caller.has(roles::OFFICIAL) || caller.has(roles::VACCINATION_SITE) => {
                 String::new()
             }
@@ -574,9 +542,9 @@ impl VaccinationService for VaccinationRpc {
             }
         };
         if !req.site_id.is_empty() {
-            id(&mut v, "site_id", &req.site_id);
+            fields::id(&mut v, "site_id", &req.site_id);
         }
-        let (offset, limit) = page(&mut v, &req.page);
+        let (offset, limit) = fields::page_request(&mut v, &req.page);
         v.finish()?;
         // A site sees its own entries, with their evidence; officials all of them.
         let (site, evidence) = if caller.has(roles::OFFICIAL) {
@@ -604,7 +572,7 @@ impl VaccinationService for VaccinationRpc {
         self.caller(&request, &[roles::APP])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let person = person_id(&mut v, "person", &req.person);
+        let person = fields::person_ref(&mut v, "person", &req.person);
         v.finish()?;
         ok(self
             .service
@@ -631,9 +599,9 @@ impl VaccinationService for VaccinationRpc {
         self.caller(&request, &[roles::APP])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let person = person_id(&mut v, "person", &req.person);
+        let person = fields::person_ref(&mut v, "person", &req.person);
         if !req.dose_id.is_empty() {
-            id(&mut v, "dose_id", &req.dose_id);
+            fields::id(&mut v, "dose_id", &req.dose_id);
         }
         v.finish()?;
         ok(self
@@ -656,7 +624,7 @@ impl VaccinationService for VaccinationRpc {
         self.caller(&request, &[roles::APP])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let person = person_id(&mut v, "person", &req.person);
+        let person = fields::person_ref(&mut v, "person", &req.person);
         let kind = match CertificateKind::try_from(req.kind) {
             Ok(CertificateKind::Unspecified) | Err(_) => {
                 v.add("kind", "DOMESTIC or INTERNATIONAL");
@@ -690,14 +658,14 @@ impl VaccinationService for VaccinationRpc {
         };
         division(&mut v, "division_code", &req.division_code, false);
         let person = match &req.person {
-            Some(_) => person_id(&mut v, "person", &req.person),
+            Some(_) => fields::person_ref(&mut v, "person", &req.person),
             None if caller.has_any(&[roles::OFFICIAL, roles::INTERNAL]) => String::new(),
             None => {
                 v.add("person", "required for the app");
                 String::new()
             }
         };
-        let (offset, limit) = page(&mut v, &req.page);
+        let (offset, limit) = fields::page_request(&mut v, &req.page);
         v.finish()?;
         ok(self
             .service
@@ -712,8 +680,8 @@ impl VaccinationService for VaccinationRpc {
         self.caller(&request, &[roles::APP])?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let person = person_id(&mut v, "person", &req.person);
-        let at = point(&mut v, "location", &req.location);
+        let person = fields::person_ref(&mut v, "person", &req.person);
+        let at = fields::point(&mut v, "location", &req.location);
         let reported_at = match &req.reported_at {
             None => Utc::now(),
             Some(_) => from_ts(&req.reported_at)

@@ -46,6 +46,8 @@ pub mod roles {
     pub const PAYMENT_PROVIDER: &str = "payment_provider";
     /// Staff of one vaccination site; the token's subject is the site id.
     pub const VACCINATION_SITE: &str = "vaccination_site";
+    /// Manages the exchange's partner registry.
+    pub const EXCHANGE_ADMIN: &str = "exchange_admin";
     pub const ALL: &[&str] = &[
         APP,
         OFFICIAL,
@@ -63,6 +65,7 @@ pub mod roles {
         LAB,
         PAYMENT_PROVIDER,
         VACCINATION_SITE,
+        EXCHANGE_ADMIN,
     ];
 }
 

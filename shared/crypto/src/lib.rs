@@ -579,6 +579,59 @@ impl fmt::Debug for BlindIndex {
     }
 }
 
+/// The person's name across provinces: lower-case hex of HMAC-SM3 under the national
+/// pseudonym key over `"<document type number>:<document number>"`, the number with leading
+/// and trailing whitespace removed and ASCII letters upper-cased (nothing else changed), so
+/// that every province derives the same pseudonym for the same document.
+pub fn exchange_pseudonym(key: &[u8], document_type: i32, document_number: &str) -> String {
+    let normalised = document_number.trim().to_ascii_uppercase();
+    hex::encode(hmac_sm3(
+        key,
+        format!("{document_type}:{normalised}").as_bytes(),
+    ))
+}
+
+/// The national pseudonym key (32 bytes), the same in every province, with its id so that
+/// it can rotate. Only the identity service, which holds the document numbers, uses it.
+pub struct PseudonymKey {
+    key_id: String,
+    key: Zeroizing<[u8; BLIND_INDEX_KEY_LEN]>,
+}
+
+impl PseudonymKey {
+    /// Loads a 32-byte key given as 64 hex characters.
+    pub fn from_hex(key_id: impl Into<String>, key_hex: &str) -> Result<Self, CryptoError> {
+        let mut key = Zeroizing::new([0u8; BLIND_INDEX_KEY_LEN]);
+        decode_hex_into(key_hex, &mut key[..])?;
+        Ok(Self {
+            key_id: key_id.into(),
+            key,
+        })
+    }
+
+    /// A fresh random key as 64 hex characters. For dev tooling only.
+    pub fn generate_hex() -> Result<String, CryptoError> {
+        BlindIndex::generate_hex()
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// See [`exchange_pseudonym`].
+    pub fn pseudonym(&self, document_type: i32, document_number: &str) -> String {
+        exchange_pseudonym(&self.key[..], document_type, document_number)
+    }
+}
+
+impl fmt::Debug for PseudonymKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PseudonymKey")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------

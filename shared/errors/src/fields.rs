@@ -72,6 +72,54 @@ pub fn page(v: &mut Violations, page_size: u32, page_token: &str) -> (u64, u64) 
     (offset, limit)
 }
 
+/// An id or code: printable ASCII, 1 to 64 characters.
+pub fn id(v: &mut Violations, field: &str, value: &str) {
+    if value.is_empty() || value.len() > 64 || !value.chars().all(|c| c.is_ascii_graphic()) {
+        v.add(field, "required: 1 to 64 printable ASCII characters");
+    }
+}
+
+/// The person a request names (`field.person_id`), canonical; empty when bad.
+pub fn person_ref(
+    v: &mut Violations,
+    field: &str,
+    person: &Option<healthcode_proto::common::v1::PersonRef>,
+) -> String {
+    person_id(v, field, person.as_ref().map(|p| p.person_id.as_str()))
+}
+
+/// Offset and limit of a request's page (see [`page`]).
+pub fn page_request(
+    v: &mut Violations,
+    page_request: &Option<healthcode_proto::common::v1::PageRequest>,
+) -> (u64, u64) {
+    let p = page_request.clone().unwrap_or_default();
+    page(v, p.page_size, &p.page_token)
+}
+
+/// A point on the earth: required, latitude -90 to 90, longitude -180 to 180.
+pub fn point(
+    v: &mut Violations,
+    field: &str,
+    p: &Option<healthcode_proto::common::v1::GeoPoint>,
+) -> healthcode_proto::common::v1::GeoPoint {
+    match p {
+        None => {
+            v.add(field, "required");
+            Default::default()
+        }
+        Some(p) => {
+            if !(-90.0..=90.0).contains(&p.latitude) {
+                v.add(format!("{field}.latitude"), "-90 to 90");
+            }
+            if !(-180.0..=180.0).contains(&p.longitude) {
+                v.add(format!("{field}.longitude"), "-180 to 180");
+            }
+            *p
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

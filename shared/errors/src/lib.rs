@@ -43,6 +43,13 @@ pub enum ServiceError {
         message: String,
         retry_after: Option<std::time::Duration>,
     },
+    /// A position outside what is held (a cursor older than the retained history, or
+    /// beyond the latest record).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// No answer came in time from what the call depends on (e.g. every partner asked).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A dependency (database, cache, provider) is not answering; the caller may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -93,6 +100,8 @@ impl ServiceError {
             ServiceError::PermissionDenied(_) => Code::PermissionDenied,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::ResourceExhausted { .. } => Code::ResourceExhausted,
+            ServiceError::OutOfRange(_) => Code::OutOfRange,
+            ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::Internal(_) => Code::Internal,
         }

@@ -113,6 +113,19 @@ pub async fn start(
     service_names: &[&str],
     file_descriptor_set: &'static [u8],
 ) -> std::io::Result<RunningServer> {
+    start_tls(settings, routes, service_names, file_descriptor_set, None).await
+}
+
+/// As [`start`], over TLS when `tls` is given (the exchange's partner listener, which
+/// requires a client certificate). A TLS listener faces the outside: it serves health but
+/// not reflection, which would describe every service of the mesh to a partner.
+pub async fn start_tls(
+    settings: &ServerSettings,
+    routes: Routes,
+    service_names: &[&str],
+    file_descriptor_set: &'static [u8],
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> std::io::Result<RunningServer> {
     let listener = TcpListener::bind(settings.listen_addr).await?;
     let local_addr = listener.local_addr()?;
 
@@ -124,18 +137,20 @@ pub async fn start(
     }
     health.set_service_status("", ServingStatus::Serving).await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(file_descriptor_set)
-        .build_v1()
-        .map_err(std::io::Error::other)?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(file_descriptor_set)
-        .build_v1alpha()
-        .map_err(std::io::Error::other)?;
-    let routes = routes
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+    let mut routes = routes.add_service(health_service);
+    if tls.is_none() {
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(file_descriptor_set)
+            .build_v1()
+            .map_err(std::io::Error::other)?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(file_descriptor_set)
+            .build_v1alpha()
+            .map_err(std::io::Error::other)?;
+        routes = routes
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+    }
 
     let layers = tower::ServiceBuilder::new()
         // Outermost, so that even a refused request is a span in the caller's trace.
@@ -157,7 +172,11 @@ pub async fn start(
         }
         conn
     });
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(std::io::Error::other)?;
+    }
+    let server = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .layer(layers)
         .add_routes(routes);

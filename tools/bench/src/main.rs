@@ -41,6 +41,25 @@ enum Scenario {
     /// The vaccination service: worker-signed doses recorded, domestic (SM2) and EU DCC
     /// (ES256) certificates issued and verified, beside the echo and bare SM2 and P-256.
     Vaccination(VaccinationArgs),
+    /// The exchange between two provinces linked over mutual TLS: propagation latency of a
+    /// color change (beside its visibility in the deciding province), and records per second
+    /// from one partner (beside bare SM2 verification).
+    Exchange(ExchangeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExchangeArgs {
+    #[command(flatten)]
+    run: RunOptions,
+    /// Color changes whose propagation is timed, one after the other.
+    #[arg(long, default_value_t = 60)]
+    samples: u32,
+    /// Records one partner publishes in the throughput run.
+    #[arg(long, default_value_t = 5000)]
+    records: usize,
+    /// Records per PublishRecords call.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    batch: u64,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Gateway(args) => run_gateway(args).await,
         Scenario::Testing(args) => run_testing(args).await,
         Scenario::Vaccination(args) => run_vaccination(args).await,
+        Scenario::Exchange(args) => run_exchange(args).await,
     }
 }
 
@@ -278,6 +298,21 @@ async fn run_vaccination(args: VaccinationArgs) -> anyhow::Result<()> {
     })
     .await?;
     publish_compared(&run.out, "vaccination", "Vaccination", &info, &results)
+}
+
+async fn run_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
+    let info = RunInfo::collect();
+    let run = &args.run;
+    let results = hc_bench::exchange::run(hc_bench::exchange::ExchangeRun {
+        samples: args.samples.max(1),
+        records: args.records.max(1),
+        batch: args.batch as usize,
+        threads: info.cpus.max(1),
+        warmup: run.warmup(),
+        duration: run.duration(),
+    })
+    .await?;
+    publish_compared(&run.out, "exchange", "Exchange", &info, &results)
 }
 
 /// One connection first (what a single client gets), then `connections` if more than one

@@ -1,0 +1,279 @@
+//! The exchange between two provinces, each a whole mesh in this process on the machine's
+//! PostgreSQL and Redis (own databases, own Redis key spaces), linked over mutual TLS:
+//!
+//! - propagation latency: from the risk service's commit of a color change in province A
+//!   to the merged color in province B showing it (outbox, stream, record issued and
+//!   signed, Subscribe stream over TLS, checked and stored in B, read back), beside the
+//!   same change becoming visible in A's own exchange (everything but the crossing);
+//! - records per second from one partner: PublishRecords batches of signed records,
+//!   checked (SM2) and stored in sequence, beside bare SM2 verification (one per record).
+
+use crate::baselines;
+use crate::load::{Recorder, Stats};
+use crate::report::{Compared, Row, comparison};
+use healthcode_auth::roles;
+use healthcode_crypto::SigningKey;
+use healthcode_proto::common::v1::{CodeColor, PersonRef, PublicKey, ReasonCode, SignedEnvelope};
+use healthcode_proto::exchange::v1 as pb;
+use healthcode_proto::risk::v1 as rk;
+use integration_tests::authorized;
+use integration_tests::exchange::{Province, THIRD, linked_pair};
+use std::time::{Duration, Instant};
+
+pub struct ExchangeRun {
+    /// Color changes whose propagation is timed, one after the other.
+    pub samples: u32,
+    /// Records published by one partner in the throughput run.
+    pub records: usize,
+    /// Records per PublishRecords call.
+    pub batch: usize,
+    pub threads: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+async fn close_contact(p: &Province, person_id: &str) -> Result<(), String> {
+    p.mesh
+        .risk_client()
+        .await
+        .record_events(authorized(
+            rk::RecordEventsRequest {
+                events: vec![rk::RiskEvent {
+                    event_id: uuid::Uuid::new_v4().to_string(),
+                    person: Some(PersonRef {
+                        person_id: person_id.to_owned(),
+                    }),
+                    observed_at: None,
+                    event: Some(rk::risk_event::Event::Contact(rk::ContactEvent {
+                        kind: rk::ContactKind::Close as i32,
+                        last_exposure_at: Some(prost_types::Timestamp {
+                            seconds: chrono::Utc::now().timestamp() - 3600,
+                            nanos: 0,
+                        }),
+                        case_reference: "bench".into(),
+                    })),
+                }],
+            },
+            &p.mesh
+                .keys
+                .token("bench", &[roles::OFFICIAL, roles::INTERNAL]),
+        ))
+        .await
+        .map(|_| ())
+        .map_err(crate::load::status)
+}
+
+async fn red(p: &Province, person_id: &str) -> bool {
+    p.merged(person_id).await.color == CodeColor::Red as i32
+}
+
+pub async fn run(cfg: ExchangeRun) -> anyhow::Result<Compared> {
+    let mut rows = Vec::new();
+    let threads = cfg.threads.max(1);
+    eprintln!("hc-bench: baselines");
+    let sm2_verify = baselines::sm2_verify_rate(threads, cfg.warmup, cfg.duration)?;
+    rows.push(Row::threads(
+        "baseline: SM2 verify",
+        "verifications",
+        threads,
+        sm2_verify.clone(),
+    ));
+
+    eprintln!("hc-bench: starting two provinces linked over mutual TLS");
+    let (a, b) = linked_pair("330000", "310000").await;
+    let mut persons = Vec::new();
+    for n in 0..cfg.samples {
+        persons.push((
+            a.mesh.verified_person(7_000 + n).await,
+            b.mesh.verified_person(7_000 + n).await,
+        ));
+    }
+
+    eprintln!("hc-bench: propagation latency");
+    let (mut local, mut remote) = (Recorder::new(), Recorder::new());
+    let started = Instant::now();
+    for (ia, ib) in &persons {
+        if let Err(e) = close_contact(&a, ia).await {
+            local.record_error(e.clone());
+            remote.record_error(e);
+            continue;
+        }
+        let t0 = Instant::now();
+        let (mut seen_a, mut seen_b) = (None, None);
+        while (seen_a.is_none() || seen_b.is_none()) && t0.elapsed() < Duration::from_secs(30) {
+            if seen_a.is_none() && red(&a, ia).await {
+                seen_a = Some(t0.elapsed());
+            }
+            if seen_b.is_none() && red(&b, ib).await {
+                seen_b = Some(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for (recorder, seen) in [(&mut local, seen_a), (&mut remote, seen_b)] {
+            match seen {
+                Some(latency) => recorder.record(latency, Ok(1)),
+                None => recorder.record_error("not visible within 30 s"),
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let local = local.into_stats(elapsed);
+    let remote = remote.into_stats(elapsed);
+    rows.push(Row::closed(
+        "color change visible in A's own exchange (baseline: no crossing)",
+        "changes",
+        1,
+        local.clone(),
+    ));
+    rows.push(Row::closed(
+        "color change in A visible in B's merged color (over mutual TLS)",
+        "changes",
+        1,
+        remote.clone(),
+    ));
+
+    eprintln!("hc-bench: records per second from one partner");
+    let published = publish_rate(&b, cfg.records, cfg.batch).await?;
+    rows.push(Row::closed(
+        format!(
+            "PublishRecords, {} records per call, in sequence",
+            cfg.batch
+        ),
+        "records",
+        1,
+        published.clone(),
+    ));
+    let single = publish_rate(&b, cfg.records.min(500), 1).await?;
+    rows.push(Row::closed(
+        "PublishRecords, 1 record per call",
+        "records",
+        1,
+        single.clone(),
+    ));
+    a.stop().await;
+    b.stop().await;
+
+    let ms = |d: Duration| d.as_secs_f64() * 1_000.0;
+    let comparisons = vec![
+        comparison(
+            "records/s from one partner (batches) vs SM2 verifications/s (one per record)",
+            &published,
+            sm2_verify.per_second,
+            "per second",
+        ),
+        (
+            "propagation p50: B over A's own".to_owned(),
+            ms(remote.p50) / ms(local.p50).max(0.001),
+            format!("{:.1} ms vs {:.1} ms", ms(remote.p50), ms(local.p50)),
+        ),
+        (
+            "propagation p99: B over A's own".to_owned(),
+            ms(remote.p99) / ms(local.p99).max(0.001),
+            format!("{:.1} ms vs {:.1} ms", ms(remote.p99), ms(local.p99)),
+        ),
+    ];
+    Ok(Compared { rows, comparisons })
+}
+
+/// Registers a fresh partner (a third province) in `at`, then publishes `records` records
+/// signed by it, `batch` per call, one call after the other (a partner's records go in
+/// sequence order).
+async fn publish_rate(at: &Province, records: usize, batch: usize) -> anyhow::Result<Stats> {
+    let key = SigningKey::generate(format!(
+        "bench-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    ))?;
+    let partner_id = THIRD;
+    let mut admin = at.mesh.exchange_client().await;
+    let existing = admin
+        .get_partner(authorized(
+            pb::GetPartnerRequest {
+                partner_id: partner_id.into(),
+            },
+            &at.admin(),
+        ))
+        .await;
+    if existing.is_err() {
+        admin
+            .register_partner(authorized(
+                pb::RegisterPartnerRequest {
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    partner: Some(pb::Partner {
+                        partner_id: partner_id.into(),
+                        kind: pb::PartnerKind::Province as i32,
+                        name: "bench partner".into(),
+                        sync_mode: pb::SyncMode::Manual as i32,
+                        keys: vec![pb::PartnerKey {
+                            key: Some(public_key(&key)),
+                            ..Default::default()
+                        }],
+                        tls_client_certificate_pem: at.issued_to(THIRD).certificate_pem.clone(),
+                        ..Default::default()
+                    }),
+                },
+                &at.admin(),
+            ))
+            .await?;
+    } else {
+        admin
+            .add_partner_key(authorized(
+                pb::AddPartnerKeyRequest {
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    partner_id: partner_id.into(),
+                    key: Some(public_key(&key)),
+                },
+                &at.admin(),
+            ))
+            .await?;
+    }
+    let from = at.status(partner_id).await.inbound_sequence + 1;
+    let now = healthcode_proto::time::ts(chrono::Utc::now());
+    let envelopes: Vec<SignedEnvelope> = (0..records as u64)
+        .map(|i| {
+            let record = pb::ExchangeRecord {
+                issuing_province: partner_id.into(),
+                sequence: from + i,
+                pseudonym: format!("{:064x}", from + i),
+                pseudonym_key_id: "national-1".into(),
+                color: CodeColor::Yellow as i32,
+                reason_codes: vec![ReasonCode::SecondaryContact as i32],
+                rule_version: 1,
+                valid_until: None,
+                decided_at: Some(now),
+            };
+            exchange::records::seal(&key, &record)
+                .map_err(|e| anyhow::anyhow!("seal: {e}"))
+                .map(|s| s.envelope.unwrap_or_default())
+        })
+        .collect::<Result<_, _>>()?;
+    let mut client = at.partner_client(at.issued_to(THIRD)).await;
+    let mut recorder = Recorder::new();
+    let started = Instant::now();
+    for chunk in envelopes.chunks(batch.max(1)) {
+        let t = Instant::now();
+        let outcome = client
+            .publish_records(pb::PublishRecordsRequest {
+                records: chunk.to_vec(),
+            })
+            .await
+            .map_err(crate::load::status)
+            .and_then(|r| {
+                let r = r.into_inner();
+                match r.errors.first() {
+                    Some(e) => Err(format!("{}: {}", e.reason, e.message)),
+                    None => Ok(u64::from(r.accepted)),
+                }
+            });
+        recorder.record(t.elapsed(), outcome);
+    }
+    Ok(recorder.into_stats(started.elapsed()))
+}
+
+fn public_key(key: &SigningKey) -> PublicKey {
+    PublicKey {
+        key_id: key.key_id().into(),
+        algorithm: "SM2".into(),
+        public_key_sec1: key.verifying_key().sec1_bytes(),
+        ..Default::default()
+    }
+}

@@ -152,6 +152,26 @@ impl Province {
             .into_inner()
     }
 
+    /// The color this province's gateway shows the person.
+    pub async fn shows(&self, person_id: &str) -> i32 {
+        self.mesh
+            .gateway_client()
+            .await
+            .show_my_code(authorized(
+                healthcode_proto::gateway::v1::ShowMyCodeRequest {
+                    person: Some(healthcode_proto::common::v1::PersonRef {
+                        person_id: person_id.to_owned(),
+                    }),
+                    ..Default::default()
+                },
+                &self.mesh.keys.app(),
+            ))
+            .await
+            .expect("show my code")
+            .into_inner()
+            .color
+    }
+
     pub async fn stop(self) {
         self.mesh.stop().await;
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -38,6 +38,8 @@ pub struct Mesh {
     /// Cache and stream key prefix of this mesh (its own Redis key space).
     pub prefix: String,
     pub redis_url: Option<String>,
+    /// The identity service's settings, for a test that starts another replica of it.
+    pub identity_env: Env,
     databases: Vec<String>,
 }
 
@@ -235,6 +237,7 @@ impl Mesh {
             backends,
             prefix,
             redis_url,
+            identity_env,
             databases,
         }
     }

@@ -7,7 +7,7 @@ use exchange::records;
 use exchange::store::entities::{inbound, issued};
 use healthcode_auth::roles;
 use healthcode_crypto::SigningKey;
-use healthcode_proto::common::v1::{CodeColor, PersonRef, SignedEnvelope};
+use healthcode_proto::common::v1::{CodeColor, PersonRef, ReasonCode, SignedEnvelope};
 use healthcode_proto::exchange::v1 as pb;
 use healthcode_proto::identity::v1 as id;
 use healthcode_proto::risk::v1 as rk;
@@ -164,6 +164,50 @@ async fn two_provinces_share_colors_over_mutual_tls() {
     .await;
     assert!(seen, "B shows the red A decided");
     println!("red in A visible in B after {:?}", started.elapsed());
+    // B's gateway shows it too: B's risk service merged A's decision, kept apart from B's
+    // own (green), which is what B goes on issuing.
+    let shown = eventually(WAIT, || async move {
+        pb_.shows(&first.1).await == CodeColor::Red as i32
+    })
+    .await;
+    assert!(shown, "B's gateway shows the red A decided");
+    println!(
+        "red in A shown by B's gateway after {:?}",
+        started.elapsed()
+    );
+    let in_b = b
+        .mesh
+        .risk_client()
+        .await
+        .get_color(authorized(
+            rk::GetColorRequest {
+                person: person(&first.1),
+            },
+            &b.internal(),
+        ))
+        .await
+        .expect("B's color")
+        .into_inner();
+    assert_eq!(
+        in_b.reasons[0].code,
+        ReasonCode::OtherProvinceDecision as i32
+    );
+    assert_eq!(in_b.reasons[0].params["province_code"], A);
+    assert_eq!(
+        in_b.local.as_ref().map(|l| l.color),
+        Some(CodeColor::Green as i32),
+        "B's own decision is kept apart"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    for (_, envelope) in issued_by(&b).await {
+        let envelope = SignedEnvelope::decode(&envelope[..]).expect("envelope");
+        let record = pb::ExchangeRecord::decode(&envelope.payload[..]).expect("record");
+        assert_ne!(
+            record.color,
+            CodeColor::Red as i32,
+            "B never issues A's decision as its own"
+        );
+    }
     let (in_a, in_b) = (pa.merged(&first.0).await, pb_.merged(&first.1).await);
     assert_eq!(in_a.pseudonym, in_b.pseudonym);
     assert_eq!(
@@ -737,7 +781,7 @@ async fn two_provinces_share_colors_over_mutual_tls() {
     assert!(caught_up(&b, &a).await, "B holds all of A's records");
     assert!(caught_up(&a, &b).await, "A holds all of B's records");
     let mut agree = 0;
-    for (ia, ib) in &persons {
+    for (n, (ia, ib)) in persons.iter().enumerate() {
         let (ma, mb) = (a.merged(ia).await, b.merged(ib).await);
         assert_eq!(ma.pseudonym, mb.pseudonym);
         assert_eq!(
@@ -755,9 +799,31 @@ async fn two_provinces_share_colors_over_mutual_tls() {
             ),
             "seed {seed}"
         );
+        // Both gateways show that color (B's and A's risk services merge the same records);
+        // green where neither province has decided anything.
+        let color = if ma.color == CodeColor::Unspecified as i32 {
+            CodeColor::Green as i32
+        } else {
+            ma.color
+        };
+        let (ra, rb) = (&a, &b);
+        let shown = eventually(WAIT, || async move {
+            ra.shows(ia).await == color && rb.shows(ib).await == color
+        })
+        .await;
+        assert!(
+            shown,
+            "person {n}: both gateways show the merged color {color} (seed {seed}): A {}, B {}, B decided by {:?}",
+            a.shows(ia).await,
+            b.shows(ib).await,
+            mb.deciding_province
+        );
         agree += 1;
     }
-    println!("agreement {agree}/{} persons", persons.len());
+    println!(
+        "agreement {agree}/{} persons, at both exchanges and both gateways",
+        persons.len()
+    );
 
     a.stop().await;
     b.stop().await;
@@ -830,6 +896,48 @@ async fn records_are_issued_on_the_embedded_default() {
     assert_eq!(got.errors.len(), 1);
     assert_eq!(got.errors[0].index, 1);
     assert_eq!(got.errors[0].code, tonic::Code::NotFound as i32);
+    // And back: the person registered under it (written at registration), nobody for a
+    // pseudonym nobody here holds, every bad field named.
+    let resolve = |pseudonyms: Vec<String>, key_id: &str| {
+        let request = id::ResolveExchangePseudonymsRequest {
+            pseudonyms,
+            pseudonym_key_id: key_id.to_owned(),
+        };
+        let mesh = &mesh;
+        async move {
+            mesh.identity_client()
+                .await
+                .resolve_exchange_pseudonyms(authorized(
+                    request,
+                    &mesh.keys.token("exchange", &[roles::INTERNAL]),
+                ))
+                .await
+        }
+    };
+    let unknown = "0".repeat(64);
+    let found = resolve(vec![unknown.clone(), expected.clone()], "national-1")
+        .await
+        .expect("resolved")
+        .into_inner()
+        .persons;
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].pseudonym, expected);
+    assert_eq!(found[0].person.as_ref().unwrap().person_id, person_id);
+    assert!(
+        resolve(vec![expected.clone()], "national-0")
+            .await
+            .expect("another key")
+            .into_inner()
+            .persons
+            .is_empty()
+    );
+    let bad = resolve(vec![expected.to_uppercase(), "ab".into()], "")
+        .await
+        .expect_err("bad request");
+    assert_eq!(
+        bad_fields(&bad),
+        ["pseudonym_key_id", "pseudonyms[0]", "pseudonyms[1]"]
+    );
 
     contact(&mesh, &person_id, rk::ContactKind::Close).await;
     let internal = mesh.keys.token("gateway", &[roles::INTERNAL]);
@@ -991,5 +1099,70 @@ async fn one_replica_follows_each_partner() {
         !first.hold_lease(B).await.unwrap(),
         "and the old holder has lost it"
     );
+    mesh.stop().await;
+}
+
+/// Persons registered before the pseudonym key (or before a rotation) get their pseudonym
+/// from the backfill a starting identity replica runs; until it is done, resolving answers
+/// UNAVAILABLE rather than "nobody" (PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_starting_identity_backfills_pseudonyms_under_a_rotated_key() {
+    let mesh = Mesh::start(Backend::Real, None).await;
+    let mut persons = Vec::new();
+    for n in 0..3 {
+        persons.push(mesh.verified_person(900 + n).await);
+    }
+    let key = healthcode_crypto::PseudonymKey::generate_hex().unwrap();
+    let env = mesh
+        .identity_env
+        .clone()
+        .with("EXCHANGE_PSEUDONYM_KEY", key.as_str())
+        .with("EXCHANGE_PSEUDONYM_KEY_ID", "national-2");
+    let (providers, _) = identity::providers::Providers::local();
+    let replica = identity::Application::build(
+        identity::config::IdentityConfig::from_env(&env).expect("config"),
+        providers,
+    )
+    .await
+    .expect("a second identity replica starts");
+    let rotated = healthcode_crypto::PseudonymKey::from_hex("national-2", &key).unwrap();
+    let pseudonyms: Vec<String> = (0..3)
+        .map(|n| rotated.pseudonym(1, &resident_id(900 + n)))
+        .collect();
+    let mut client = id::identity_service_client::IdentityServiceClient::connect(format!(
+        "http://{}",
+        replica.local_addr()
+    ))
+    .await
+    .expect("connect");
+    let token = mesh.keys.token("exchange", &[roles::INTERNAL]);
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        match client
+            .resolve_exchange_pseudonyms(authorized(
+                id::ResolveExchangePseudonymsRequest {
+                    pseudonyms: pseudonyms.clone(),
+                    pseudonym_key_id: "national-2".into(),
+                },
+                &token,
+            ))
+            .await
+        {
+            Ok(r) => {
+                found = r.into_inner().persons;
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let ids: Vec<String> = found
+        .iter()
+        .map(|p| p.person.as_ref().unwrap().person_id.clone())
+        .collect();
+    assert_eq!(ids, persons, "every earlier person, in request order");
+    replica.shutdown().await;
     mesh.stop().await;
 }

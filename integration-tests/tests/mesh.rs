@@ -509,7 +509,8 @@ async fn forged_expired_and_replayed_codes_are_refused() {
     let replay =
         healthcode_codes::verify_online(&code.qr_payload, &trusted, &code_cipher, now + 61);
     assert!(replay.is_err());
-    assert_eq!(step_at(now + 61) - step_at(now), 2);
+    // Two steps on at least (three when `now` is in a step's last second).
+    assert!(step_at(now + 61) - step_at(now) >= 2);
     // A missing or foreign token is refused before anything is read.
     let err = client
         .verify_scan(tonic::Request::new(gw::VerifyScanRequest::default()))

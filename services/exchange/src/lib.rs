@@ -6,10 +6,13 @@
 //! - [`service`]: the partner registry, the records this province issues from the risk
 //!   service's color changes, the records received from partners, merged colors.
 //! - [`sync`]: this province as a partner's client (live subscriptions, manual pulls).
+//! - [`received`]: records received from partners reach the risk service (through the
+//!   outbox), which merges other provinces' decisions into the color the gateway shows.
 //! - [`rpc`]: the gRPC face, on two listeners: internal (tokens) and partner (mutual TLS).
 
 pub mod arrival;
 pub mod config;
+pub mod received;
 pub mod records;
 pub mod rpc;
 pub mod service;
@@ -23,7 +26,8 @@ use crate::service::{Exchange, Settings};
 use crate::sync::{PartnerSync, SyncHandle};
 use healthcode_auth::TokenVerifier;
 use healthcode_events::{
-    Backends, Consumer, ConsumerHandle, ConsumerSettings, Event, Handler, HandlerError,
+    Backends, Consumer, ConsumerHandle, ConsumerSettings, Event, Handler, HandlerError, Relay,
+    RelayHandle, RelaySettings,
 };
 use healthcode_proto::exchange::v1::exchange_service_server::{
     ExchangeServiceServer, SERVICE_NAME,
@@ -87,20 +91,24 @@ pub struct Application {
     db: DatabaseConnection,
     service: Arc<Exchange>,
     consumer: ConsumerHandle,
+    apply: Option<ConsumerHandle>,
+    relay: RelayHandle,
     sync: SyncHandle,
 }
 
 impl Application {
     pub async fn build(config: ExchangeConfig, backends: Backends) -> Result<Self, StartError> {
         let db = healthcode_db::connect_and_migrate::<store::Migrator>(&config.db).await?;
+        let relay = Relay::new(db.clone(), backends.bus.clone(), RelaySettings::default());
+        let identity = service::identity_client(
+            &config.identity_url,
+            &config.service_token,
+            config.upstream_timeout,
+        )?;
         let service = Arc::new(Exchange::new(
             db.clone(),
             config.signing_key,
-            service::identity_client(
-                &config.identity_url,
-                &config.service_token,
-                config.upstream_timeout,
-            )?,
+            identity.clone(),
             Settings {
                 province: config.province_code,
                 heartbeat: config.heartbeat,
@@ -108,12 +116,37 @@ impl Application {
                 max_calls_per_partner: config.max_calls_per_partner,
                 upstream_timeout: config.upstream_timeout,
             },
+            relay.clone(),
         ));
         let risk = config
             .risk_url
             .as_deref()
             .map(|url| sync::risk_client(url, &config.service_token, config.upstream_timeout))
             .transpose()?;
+        let apply = match &risk {
+            Some(risk) => Some(
+                Consumer::new(
+                    backends.bus.clone(),
+                    ConsumerSettings::new(
+                        service::RECEIVED_TOPIC,
+                        received::APPLY_GROUP,
+                        &config.consumer_name,
+                    ),
+                    Arc::new(received::ApplyReceived {
+                        identity,
+                        risk: risk.clone(),
+                    }),
+                )
+                .spawn(),
+            ),
+            None => {
+                tracing::warn!(
+                    "RISK_URL is unset: other provinces' decisions are held here but do not \
+                     reach this province's colors"
+                );
+                None
+            }
+        };
         let sync = Arc::new(PartnerSync::new(
             service.clone(),
             &config.consumer_name,
@@ -179,6 +212,8 @@ impl Application {
             db,
             service,
             consumer,
+            apply,
+            relay: relay.spawn(),
             sync: sync.spawn(),
         })
     }
@@ -210,6 +245,10 @@ impl Application {
         self.server.shutdown().await;
         self.sync.shutdown().await;
         self.consumer.shutdown().await;
+        if let Some(apply) = self.apply {
+            apply.shutdown().await;
+        }
+        self.relay.shutdown().await;
         if let Err(err) = self.db.close().await {
             tracing::warn!(error = %err, "closing the database pool");
         }

@@ -11,6 +11,7 @@ use healthcode_crypto::{SigningKey, VerifyingKey};
 use healthcode_db::db_error;
 use healthcode_db::replies::{begin_write, commit_with, load};
 use healthcode_errors::ServiceError;
+use healthcode_events::Relay;
 use healthcode_proto::common::v1::{CodeColor, ItemError, PersonRef, ReasonCode, SignedEnvelope};
 use healthcode_proto::exchange::v1 as pb;
 use healthcode_proto::identity::v1::GetExchangePseudonymsRequest;
@@ -81,7 +82,13 @@ pub struct Exchange {
     /// Set when the service drains: open streams end, so that shutdown does not wait out
     /// the grace period.
     closing: watch::Sender<bool>,
+    /// Publishes the records received (`RECEIVED_TOPIC`) from the outbox.
+    relay: Relay,
 }
+
+/// Records received from partners and stored (`ExchangeRecord`, keyed by pseudonym), for
+/// the risk service to merge into this province's colors.
+pub const RECEIVED_TOPIC: &str = "exchange.record_received";
 
 fn precondition(reason: &str, message: impl Into<String>) -> ServiceError {
     ServiceError::precondition(reason, message)
@@ -202,12 +209,14 @@ impl Exchange {
         key: SigningKey,
         identity: Identity,
         settings: Settings,
+        relay: Relay,
     ) -> Self {
         Exchange {
             db,
             key,
             identity,
             settings,
+            relay,
             issued: watch::channel(0).0,
             streams: Mutex::new(HashMap::new()),
             calls: Mutex::new(HashMap::new()),
@@ -772,8 +781,9 @@ impl Exchange {
         Ok((next - last) as u64)
     }
 
-    /// The record for `color` (without its sequence). Reasons received from other
-    /// provinces are not this province's decision and are not passed on.
+    /// The record for `color` (without its sequence): this province's own decision
+    /// (`local`, when other provinces' decisions are merged into the color). Reasons
+    /// received from other provinces are not this province's decision and are not passed on.
     fn record_of(
         &self,
         color: &PersonColor,
@@ -781,8 +791,11 @@ impl Exchange {
         key_id: &str,
         now: DateTime<Utc>,
     ) -> pb::ExchangeRecord {
-        let mut reason_codes: Vec<i32> = color
-            .reasons
+        let (own_color, reasons, valid_until) = match &color.local {
+            Some(l) => (l.color, &l.reasons, l.valid_until),
+            None => (color.color, &color.reasons, color.valid_until),
+        };
+        let mut reason_codes: Vec<i32> = reasons
             .iter()
             .map(|r| r.code)
             .filter(|c| {
@@ -801,12 +814,10 @@ impl Exchange {
             sequence: 0,
             pseudonym: pseudonym.to_owned(),
             pseudonym_key_id: key_id.to_owned(),
-            color: color.color,
+            color: own_color,
             reason_codes,
             rule_version: color.policy_version.max(1),
-            valid_until: color
-                .valid_until
-                .filter(|v| from_ts(&Some(*v)).is_some_and(|v| v > decided_at)),
+            valid_until: valid_until.filter(|v| from_ts(&Some(*v)).is_some_and(|v| v > decided_at)),
             decided_at: Some(ts(decided_at)),
         }
     }
@@ -1118,13 +1129,20 @@ impl Exchange {
         let mut cursor_after: Option<(String, u64)> = None;
         let mut last_settled = 0u64;
         let mut last_decided: Option<DateTime<Utc>> = None;
+        // The records stored, for the risk service (through the outbox, in this
+        // transaction: a stored record is never lost to the merge).
+        let mut received = Vec::new();
         for (index, (envelope, opened)) in envelopes.iter().zip(opened).enumerate() {
             let outcome = match opened {
                 Err(refused) => Err(refused),
-                Ok(record) => {
-                    self.place(&txn, &mut batch, index, envelope, &record, now)
-                        .await?
-                }
+                Ok(record) => self
+                    .place(&txn, &mut batch, index, envelope, &record, now)
+                    .await?
+                    .inspect(|(_, decided)| {
+                        if decided.is_some() {
+                            received.push((record.pseudonym.clone(), record.encode_to_vec()));
+                        }
+                    }),
             };
             match outcome {
                 Ok((sequence, decided)) => {
@@ -1152,6 +1170,12 @@ impl Exchange {
                 .await
                 .map_err(db_error)?;
         }
+        let stored = !received.is_empty();
+        if stored {
+            healthcode_events::outbox::enqueue_many(&txn, RECEIVED_TOPIC, received)
+                .await
+                .map_err(db_error)?;
+        }
         if settled && let Some(c) = page_cursor {
             cursor_after = Some((c.to_owned(), last_settled.max(held_before)));
         }
@@ -1174,6 +1198,9 @@ impl Exchange {
             .await
             .map_err(db_error)?;
         txn.commit().await.map_err(db_error)?;
+        if stored {
+            self.relay.wake();
+        }
         if !out.errors.is_empty() {
             tracing::warn!(
                 partner = %partner_id,

@@ -175,6 +175,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateExchange),
             Box::new(healthcode_db::replies::migration::CreateReplies),
             Box::new(CreateFollowLeases),
+            Box::new(healthcode_events::outbox::migration::CreateOutbox),
         ]
     }
 }

@@ -37,6 +37,38 @@ pub enum StartError {
 pub struct Application {
     server: RunningServer,
     db: DatabaseConnection,
+    backfill: tokio::task::JoinHandle<()>,
+}
+
+/// Writes the exchange pseudonyms of persons registered before the key was configured or
+/// rotated, 500 at a time, then lets ResolveExchangePseudonyms answer (until then it is
+/// UNAVAILABLE, so that the exchange retries rather than miss a person). A pass that fails
+/// (the database is unreachable) is retried after a pause from where it stopped.
+async fn backfill_pseudonyms(store: Store) {
+    let (mut after, mut unreadable) = (String::new(), 0usize);
+    loop {
+        match store.backfill_pseudonyms(&after, 500).await {
+            Ok((None, n)) => {
+                unreadable += n;
+                break;
+            }
+            Ok((Some(last), n)) => {
+                unreadable += n;
+                after = last;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "exchange pseudonym backfill failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    }
+    if unreadable > 0 {
+        tracing::error!(
+            persons = unreadable,
+            "persons whose documents could not be read have no exchange pseudonym"
+        );
+    }
+    store.set_pseudonyms_ready();
 }
 
 impl Application {
@@ -45,7 +77,10 @@ impl Application {
         let db = healthcode_db::connect_and_migrate::<migration::Migrator>(&config.db).await?;
         let cache =
             healthcode_cache::from_settings(config.redis.as_ref(), &config.cache_prefix).await?;
-        let store = Store::new(db.clone(), Sealer::new(Arc::new(config.field_cipher)));
+        let pseudonym_key = config.exchange_pseudonym.map(Arc::new);
+        let store = Store::new(db.clone(), Sealer::new(Arc::new(config.field_cipher)))
+            .with_pseudonym_key(pseudonym_key.clone());
+        let backfill = tokio::spawn(backfill_pseudonyms(store.clone()));
         let identity = Identity::new(
             store,
             cache,
@@ -58,7 +93,7 @@ impl Application {
             Arc::new(identity),
             TokenVerifier::new(config.issuer_keys),
             config.retired_keys,
-            config.exchange_pseudonym,
+            pseudonym_key,
         );
         let routes = tonic::service::Routes::new(
             IdentityServiceServer::new(rpc)
@@ -72,7 +107,11 @@ impl Application {
             healthcode_proto::FILE_DESCRIPTOR_SET,
         )
         .await?;
-        Ok(Application { server, db })
+        Ok(Application {
+            server,
+            db,
+            backfill,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -86,6 +125,7 @@ impl Application {
 
     /// Drains in-flight requests, then closes the database pool.
     pub async fn shutdown(self) {
+        self.backfill.abort();
         self.server.shutdown().await;
         if let Err(err) = self.db.close().await {
             tracing::warn!(error = %err, "closing the database pool");

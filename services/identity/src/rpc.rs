@@ -21,7 +21,7 @@ pub struct IdentityRpc {
     identity: Arc<Identity>,
     verifier: TokenVerifier,
     retired_keys: TrustedKeys,
-    pseudonym_key: Option<PseudonymKey>,
+    pseudonym_key: Option<Arc<PseudonymKey>>,
 }
 
 /// Persons per GetExchangePseudonyms call.
@@ -32,7 +32,7 @@ impl IdentityRpc {
         identity: Arc<Identity>,
         verifier: TokenVerifier,
         retired_keys: TrustedKeys,
-        pseudonym_key: Option<PseudonymKey>,
+        pseudonym_key: Option<Arc<PseudonymKey>>,
     ) -> Self {
         IdentityRpc {
             identity,
@@ -679,6 +679,66 @@ impl IdentityService for IdentityRpc {
             }
         }
         Ok(Response::new(out))
+    }
+
+    async fn resolve_exchange_pseudonyms(
+        &self,
+        request: Request<pb::ResolveExchangePseudonymsRequest>,
+    ) -> RpcResult<pb::ResolveExchangePseudonymsResponse> {
+        self.caller(&request, &[roles::INTERNAL])?;
+        let r = request.get_ref();
+        let mut v = Violations::new();
+        if r.pseudonyms.is_empty() || r.pseudonyms.len() > MAX_PSEUDONYM_BATCH {
+            v.add("pseudonyms", "1 to 1,000 pseudonyms");
+        }
+        for (i, p) in r.pseudonyms.iter().enumerate() {
+            if p.len() != 64 || !p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                v.add(format!("pseudonyms[{i}]"), "64 lower-case hex characters");
+            }
+        }
+        if self.pseudonym_key.is_none() {
+            v.finish()?;
+            return Err(ServiceError::precondition(
+                "PSEUDONYM_KEY_NOT_CONFIGURED",
+                "this deployment holds no national pseudonym key (EXCHANGE_PSEUDONYM_KEY)",
+            )
+            .into());
+        }
+        if r.pseudonym_key_id.is_empty() || r.pseudonym_key_id.len() > 64 {
+            v.add("pseudonym_key_id", "required, at most 64 characters");
+        }
+        v.finish()?;
+        // Any key id held: records made under the previous key during a rotation still
+        // find the persons backfilled under it.
+        let found = self
+            .identity
+            .resolve_pseudonyms(&r.pseudonym_key_id, &r.pseudonyms)
+            .await?;
+        let order: std::collections::HashMap<&str, usize> = r
+            .pseudonyms
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.as_str(), i))
+            .rev()
+            .collect();
+        let mut persons: Vec<(usize, pb::ExchangePseudonym)> = found
+            .into_iter()
+            .map(|(pseudonym, person)| {
+                (
+                    order.get(pseudonym.as_str()).copied().unwrap_or(usize::MAX),
+                    pb::ExchangePseudonym {
+                        person: person_ref(&person),
+                        pseudonym,
+                        pseudonym_key_id: r.pseudonym_key_id.clone(),
+                    },
+                )
+            })
+            .collect();
+        let id = |p: &pb::ExchangePseudonym| p.person.clone().unwrap_or_default().person_id;
+        persons.sort_by_key(|a| (a.0, id(&a.1)));
+        Ok(Response::new(pb::ResolveExchangePseudonymsResponse {
+            persons: persons.into_iter().map(|(_, p)| p).collect(),
+        }))
     }
 
     async fn get_public_keys(

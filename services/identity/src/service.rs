@@ -257,6 +257,22 @@ impl Identity {
             .ok_or_else(|| ServiceError::NotFound("no such person".into()))
     }
 
+    /// `(pseudonym, person_id)` for the persons registered under these pseudonyms.
+    pub async fn resolve_pseudonyms(
+        &self,
+        key_id: &str,
+        pseudonyms: &[String],
+    ) -> Result<Vec<(String, String)>, ServiceError> {
+        if !self.store.pseudonyms_ready() {
+            return Err(ServiceError::Unavailable(
+                "exchange pseudonyms are being written for persons registered earlier; \
+                 try again shortly"
+                    .into(),
+            ));
+        }
+        Ok(self.store.resolve_pseudonyms(key_id, pseudonyms).await?)
+    }
+
     pub async fn find_by_document(&self, document: &Document) -> Result<String, ServiceError> {
         self.store
             .find_by_doc_index(&self.doc_index(document))

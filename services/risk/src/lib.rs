@@ -69,6 +69,18 @@ impl Handler for EventsFromTopic {
         let mut stays = Vec::with_capacity(events.len());
         for event in events {
             match RiskEvent::decode(&event.payload[..]) {
+                // Other provinces' decisions come only through RecordEvents, from the
+                // exchange, never from this mesh's topics.
+                Ok(e)
+                    if matches!(
+                        e.event,
+                        Some(
+                            healthcode_proto::risk::v1::risk_event::Event::OtherProvinceDecision(_)
+                        )
+                    ) =>
+                {
+                    tracing::warn!(event_id = %event.id, topic = self.subject, "another province's decision on a topic skipped")
+                }
                 Ok(e) if rpc::valid_event(&e) => stays.push(e),
                 // Acknowledged and dropped: a redelivery would be just as unreadable.
                 _ => {

@@ -295,13 +295,18 @@ impl Risk {
             .filter_map(|e| e.person.as_ref().map(|p| p.person_id.clone()))
             .collect();
         let fresh_len = fresh.len() as u32;
+        // Other provinces' decisions passed their own province's bulk threshold; holding
+        // them here would only make the provinces disagree.
+        let hold = !fresh
+            .iter()
+            .all(|e| matches!(e.event, Some(EventKind::OtherProvinceDecision(_))));
         let batch_id = new_id();
         let c = cause(actor, ChangeCause::Event, &batch_id, "", &batch_id);
         self.change_holding(
             None,
             persons,
             c,
-            true,
+            hold,
             async |txn, _| insert_events(txn, fresh).await,
             async |txn, inserted: Vec<String>, applied| {
                 let recorded = inserted.len() as u32;
@@ -393,6 +398,9 @@ fn event_kind(e: &pb::RiskEvent) -> (&'static str, Option<Time>) {
         }
         Some(EventKind::VaccinationDose(d)) => {
             ("dose", d.administered_at.as_ref().and_then(from_proto))
+        }
+        Some(EventKind::OtherProvinceDecision(d)) => {
+            ("other_province", d.decided_at.as_ref().and_then(from_proto))
         }
         None => ("none", None),
     }

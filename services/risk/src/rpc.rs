@@ -9,7 +9,7 @@ use healthcode_auth::{Caller, TokenVerifier, require_any, roles};
 use healthcode_errors::fields::{self, request_id, text};
 use healthcode_errors::{ServiceError, Violations};
 use healthcode_proto::common::v1::{
-    CodeColor, ItemError, NucleicAcidResult, PageRequest, PersonRef,
+    CodeColor, ItemError, NucleicAcidResult, PageRequest, PersonRef, ReasonCode,
 };
 use healthcode_proto::risk::v1 as pb;
 use pb::risk_area::Extent;
@@ -135,7 +135,8 @@ fn event_problems(e: &pb::RiskEvent, i: usize, now: Time) -> Violations {
     match &e.event {
         None => v.add(
             f("event"),
-            "one of contact, area_stay, test_result, vaccination_dose is required",
+            "one of contact, area_stay, test_result, vaccination_dose, \
+             other_province_decision is required",
         ),
         Some(EventKind::Contact(c)) => {
             if !matches!(pb::ContactKind::try_from(c.kind), Ok(k) if k != pb::ContactKind::Unspecified)
@@ -202,6 +203,38 @@ fn event_problems(e: &pb::RiskEvent, i: usize, now: Time) -> Violations {
                 v.add(f("test_result.reported_at"), "before sampled_at");
             }
         }
+        Some(EventKind::OtherProvinceDecision(d)) => {
+            let name = |n: &str| f(&format!("other_province_decision.{n}"));
+            if d.issuing_province.len() != 6
+                || !d.issuing_province.bytes().all(|b| b.is_ascii_digit())
+            {
+                v.add(name("issuing_province"), "six digits (GB/T 2260)");
+            }
+            if d.sequence == 0 {
+                v.add(name("sequence"), "from 1");
+            }
+            if !matches!(
+                CodeColor::try_from(d.color),
+                Ok(CodeColor::Green | CodeColor::Yellow | CodeColor::Red)
+            ) {
+                v.add(name("color"), "green, yellow or red");
+            }
+            if d.reason_codes.len() > 32
+                || d.reason_codes.iter().any(
+                    |c| !matches!(ReasonCode::try_from(*c), Ok(r) if r != ReasonCode::Unspecified),
+                )
+            {
+                v.add(name("reason_codes"), "at most 32 known reason codes");
+            }
+            not_future(&mut v, "other_province_decision.decided_at", &d.decided_at);
+            if let (Some(decided), Some(until)) = (
+                d.decided_at.as_ref().and_then(from_proto),
+                time(&mut v, &name("valid_until"), &d.valid_until),
+            ) && until <= decided
+            {
+                v.add(name("valid_until"), "not after decided_at");
+            }
+        }
         Some(EventKind::VaccinationDose(d)) => {
             text(&mut v, &f("vaccination_dose.dose_id"), &d.dose_id, 64, true);
             if d.dose_number == 0 || d.dose_number > 10 {
@@ -227,7 +260,12 @@ fn roles_for(e: &pb::RiskEvent) -> &'static [&'static str] {
     match &e.event {
         Some(EventKind::Contact(_)) => &[roles::OFFICIAL, roles::INTERNAL],
         Some(EventKind::AreaStay(_)) => &[roles::INTERNAL, roles::APP],
-        Some(EventKind::TestResult(_) | EventKind::VaccinationDose(_)) | None => &[roles::INTERNAL],
+        Some(
+            EventKind::TestResult(_)
+            | EventKind::VaccinationDose(_)
+            | EventKind::OtherProvinceDecision(_),
+        )
+        | None => &[roles::INTERNAL],
     }
 }
 
@@ -398,7 +436,15 @@ impl RiskService for RiskRpc {
         let mut errors = Vec::new();
         let mut valid = Vec::new();
         for (i, e) in req.events.into_iter().enumerate() {
-            let problems = event_problems(&e, i, now);
+            let mut problems = event_problems(&e, i, now);
+            if let Some(EventKind::OtherProvinceDecision(d)) = &e.event
+                && d.issuing_province == self.risk.policies().province()
+            {
+                problems.add(
+                    format!("events[{i}].other_province_decision.issuing_province"),
+                    "is this province: its decisions are made here",
+                );
+            }
             if problems.is_empty() {
                 valid.push(e);
             } else {

@@ -127,6 +127,7 @@ fn visible(c: &pb::PersonColor) -> pb::PersonColor {
             p
         }),
         overridden: c.overridden,
+        local: c.local.clone(),
         ..Default::default()
     }
 }
@@ -259,6 +260,11 @@ impl Risk {
             }),
             clearance: eval.clearance,
             overridden: eval.overridden,
+            local: eval.local.as_ref().map(|l| pb::LocalDecision {
+                color: l.color as i32,
+                reasons: l.reasons.clone(),
+                valid_until: opt_to_proto(l.valid_until),
+            }),
         }
     }
 

@@ -2,9 +2,11 @@
 //! PostgreSQL and Redis (own databases, own Redis key spaces), linked over mutual TLS:
 //!
 //! - propagation latency: from the risk service's commit of a color change in province A
-//!   to the merged color in province B showing it (outbox, stream, record issued and
-//!   signed, Subscribe stream over TLS, checked and stored in B, read back), beside the
-//!   same change becoming visible in A's own exchange (everything but the crossing);
+//!   to province B's gateway showing it (outbox, stream, record issued and signed,
+//!   Subscribe stream over TLS, checked and stored in B, outbox, pseudonym resolved by B's
+//!   identity, merged by B's risk service, color cache, gateway), beside the same change
+//!   shown by A's own gateway (everything but the crossing); and the same up to each
+//!   province's exchange (B's merged color, A's own record);
 //! - records per second from one partner: PublishRecords batches of signed records,
 //!   checked (SM2) and stored in sequence, beside bare SM2 verification (one per record).
 
@@ -90,26 +92,36 @@ pub async fn run(cfg: ExchangeRun) -> anyhow::Result<Compared> {
     }
 
     eprintln!("hc-bench: propagation latency");
-    let (mut local, mut remote) = (Recorder::new(), Recorder::new());
+    // A's exchange, B's exchange, A's gateway, B's gateway.
+    let mut recorders: [Recorder; 4] = std::array::from_fn(|_| Recorder::new());
     let started = Instant::now();
     for (ia, ib) in &persons {
         if let Err(e) = close_contact(&a, ia).await {
-            local.record_error(e.clone());
-            remote.record_error(e);
+            for r in &mut recorders {
+                r.record_error(e.clone());
+            }
             continue;
         }
         let t0 = Instant::now();
-        let (mut seen_a, mut seen_b) = (None, None);
-        while (seen_a.is_none() || seen_b.is_none()) && t0.elapsed() < Duration::from_secs(30) {
-            if seen_a.is_none() && red(&a, ia).await {
-                seen_a = Some(t0.elapsed());
-            }
-            if seen_b.is_none() && red(&b, ib).await {
-                seen_b = Some(t0.elapsed());
+        let mut seen: [Option<Duration>; 4] = [None; 4];
+        while seen.iter().any(Option::is_none) && t0.elapsed() < Duration::from_secs(30) {
+            for (i, slot) in seen.iter_mut().enumerate() {
+                if slot.is_some() {
+                    continue;
+                }
+                let red = match i {
+                    0 => red(&a, ia).await,
+                    1 => red(&b, ib).await,
+                    2 => a.shows(ia).await == CodeColor::Red as i32,
+                    _ => b.shows(ib).await == CodeColor::Red as i32,
+                };
+                if red {
+                    *slot = Some(t0.elapsed());
+                }
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        for (recorder, seen) in [(&mut local, seen_a), (&mut remote, seen_b)] {
+        for (recorder, seen) in recorders.iter_mut().zip(seen) {
             match seen {
                 Some(latency) => recorder.record(latency, Ok(1)),
                 None => recorder.record_error("not visible within 30 s"),
@@ -117,20 +129,27 @@ pub async fn run(cfg: ExchangeRun) -> anyhow::Result<Compared> {
         }
     }
     let elapsed = started.elapsed();
-    let local = local.into_stats(elapsed);
-    let remote = remote.into_stats(elapsed);
-    rows.push(Row::closed(
-        "color change visible in A's own exchange (baseline: no crossing)",
-        "changes",
-        1,
-        local.clone(),
-    ));
-    rows.push(Row::closed(
-        "color change in A visible in B's merged color (over mutual TLS)",
-        "changes",
-        1,
-        remote.clone(),
-    ));
+    let [local, remote, local_gateway, remote_gateway] = recorders.map(|r| r.into_stats(elapsed));
+    for (name, stats) in [
+        (
+            "color change shown by A's own gateway (baseline: no crossing)",
+            &local_gateway,
+        ),
+        (
+            "color change in A shown by B's gateway (over mutual TLS)",
+            &remote_gateway,
+        ),
+        (
+            "color change visible in A's own exchange (baseline: no crossing)",
+            &local,
+        ),
+        (
+            "color change in A visible in B's merged color (over mutual TLS)",
+            &remote,
+        ),
+    ] {
+        rows.push(Row::closed(name, "changes", 1, stats.clone()));
+    }
 
     eprintln!("hc-bench: records per second from one partner");
     let published = publish_rate(&b, cfg.records, cfg.batch).await?;
@@ -160,6 +179,24 @@ pub async fn run(cfg: ExchangeRun) -> anyhow::Result<Compared> {
             &published,
             sm2_verify.per_second,
             "per second",
+        ),
+        (
+            "propagation to the gateway p50: B over A's own".to_owned(),
+            ms(remote_gateway.p50) / ms(local_gateway.p50).max(0.001),
+            format!(
+                "{:.1} ms vs {:.1} ms",
+                ms(remote_gateway.p50),
+                ms(local_gateway.p50)
+            ),
+        ),
+        (
+            "propagation to the gateway p99: B over A's own".to_owned(),
+            ms(remote_gateway.p99) / ms(local_gateway.p99).max(0.001),
+            format!(
+                "{:.1} ms vs {:.1} ms",
+                ms(remote_gateway.p99),
+                ms(local_gateway.p99)
+            ),
         ),
         (
             "propagation p50: B over A's own".to_owned(),

@@ -116,3 +116,23 @@ pub mod sms_send {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod exchange_pseudonym {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "exchange_pseudonyms")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub pseudonym: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub person_id: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -7,9 +7,9 @@ use crate::domain::{Document, DocumentType, Image, Step, StepState, Steps};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
-use entities::{person, phone_challenge, review, sms_send, step};
-use healthcode_crypto::FieldCipher;
-use sea_orm::sea_query::{Expr, ExprTrait};
+use entities::{exchange_pseudonym, person, phone_challenge, review, sms_send, step};
+use healthcode_crypto::{FieldCipher, PseudonymKey};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
     PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
@@ -163,11 +163,116 @@ pub enum Decided {
 pub struct Store {
     db: DatabaseConnection,
     sealer: Sealer,
+    pseudonyms: Option<Arc<PseudonymKey>>,
+    /// Set once every person registered before start has a pseudonym under the key.
+    backfilled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
     pub fn new(db: DatabaseConnection, sealer: Sealer) -> Self {
-        Store { db, sealer }
+        Store {
+            db,
+            sealer,
+            pseudonyms: None,
+            backfilled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether pseudonyms can be resolved completely (the start-up backfill is done).
+    pub fn pseudonyms_ready(&self) -> bool {
+        self.backfilled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_pseudonyms_ready(&self) {
+        self.backfilled
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Keeps each person's exchange pseudonym under `key`, written with the person.
+    pub fn with_pseudonym_key(mut self, key: Option<Arc<PseudonymKey>>) -> Self {
+        self.pseudonyms = key;
+        self
+    }
+
+    fn pseudonym_row(
+        &self,
+        person_id: &str,
+        document: &Document,
+    ) -> Option<exchange_pseudonym::ActiveModel> {
+        self.pseudonyms
+            .as_ref()
+            .map(|key| exchange_pseudonym::ActiveModel {
+                key_id: Set(key.key_id().to_owned()),
+                pseudonym: Set(key.pseudonym(document.kind().code(), document.number())),
+                person_id: Set(person_id.to_owned()),
+            })
+    }
+
+    /// Writes the pseudonyms of up to `limit` persons after `after` (by id) who have none
+    /// under the current key (persons registered before the key was configured or
+    /// rotated). Returns the last id looked at (`None` when there is none left) and how
+    /// many persons could not be read (logged by count; their rows stay without one).
+    pub async fn backfill_pseudonyms(
+        &self,
+        after: &str,
+        limit: u64,
+    ) -> Result<(Option<String>, usize), StoreError> {
+        let Some(key) = &self.pseudonyms else {
+            return Ok((None, 0));
+        };
+        let held = sea_orm::sea_query::Query::select()
+            .column(exchange_pseudonym::Column::PersonId)
+            .from(exchange_pseudonym::Entity)
+            .and_where(exchange_pseudonym::Column::KeyId.eq(key.key_id()))
+            .to_owned();
+        let rows = person::Entity::find()
+            .filter(person::Column::Id.gt(after))
+            .filter(person::Column::Id.not_in_subquery(held))
+            .order_by_asc(person::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        let last = rows.last().map(|r| r.id.clone());
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unreadable = 0;
+        for row in rows {
+            match self.open_person(row) {
+                Ok(person) => out.extend(self.pseudonym_row(&person.id, &person.document)),
+                Err(_) => unreadable += 1,
+            }
+        }
+        if !out.is_empty() {
+            exchange_pseudonym::Entity::insert_many(out)
+                .on_conflict(
+                    OnConflict::columns([
+                        exchange_pseudonym::Column::KeyId,
+                        exchange_pseudonym::Column::Pseudonym,
+                        exchange_pseudonym::Column::PersonId,
+                    ])
+                    .do_nothing()
+                    .to_owned(),
+                )
+                .exec_without_returning(&self.db)
+                .await?;
+        }
+        Ok((last, unreadable))
+    }
+
+    /// The persons registered under these pseudonyms (made under `key_id`), as
+    /// `(pseudonym, person_id)` pairs.
+    pub async fn resolve_pseudonyms(
+        &self,
+        key_id: &str,
+        pseudonyms: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(exchange_pseudonym::Entity::find()
+            .filter(exchange_pseudonym::Column::KeyId.eq(key_id))
+            .filter(exchange_pseudonym::Column::Pseudonym.is_in(pseudonyms.iter().cloned()))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|r| (r.pseudonym, r.person_id))
+            .collect())
     }
 
     pub fn db(&self) -> &DatabaseConnection {
@@ -235,6 +340,11 @@ impl Store {
             }
         }));
         steps.exec(&txn).await?;
+        if let Some(row) = self.pseudonym_row(&id, &new.document) {
+            exchange_pseudonym::Entity::insert(row)
+                .exec_without_returning(&txn)
+                .await?;
+        }
         if let Some(r) = new.review {
             self.insert_review(&txn, &id, Step::IdentityDetails, r, now)
                 .await?;

@@ -2,7 +2,7 @@
 //! to clear it, and a change waiting for double confirmation. Pure, so every rule, every
 //! clearance and the sampled-after rule are tested without a database.
 
-use super::facts::{Facts, TestResult, color_of, rank, stricter};
+use super::facts::{Facts, ForeignDecision, TestResult, color_of, rank, stricter};
 use super::policy::pending_timeout;
 use super::time::{Time, duration, opt_duration, to_proto};
 use healthcode_proto::common::v1::{CodeColor, ColorReason, NucleicAcidResult, ReasonCode};
@@ -34,6 +34,16 @@ pub struct Evaluation {
     pub clearance: Option<ClearanceProgress>,
     pub pending: Option<Pending>,
     pub overridden: bool,
+    /// This province's own decision, when another province's decision is merged in.
+    pub local: Option<Local>,
+}
+
+/// What this province's own facts decide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Local {
+    pub color: CodeColor,
+    pub reasons: Vec<ColorReason>,
+    pub valid_until: Option<Time>,
 }
 
 /// One rule matched by one fact.
@@ -53,8 +63,82 @@ struct Active<'a> {
     progress: Option<ClearanceProgress>,
 }
 
-/// Evaluates `facts` under `policy` at `now`.
+/// Evaluates `facts` under `policy` at `now`, then merges in the other provinces'
+/// decisions that are yellow or red and still valid: the strictest color decides (a tie
+/// keeps this province's reasons first), each such decision is a reason of its own, the
+/// color holds until the first of them lapses, and `local` keeps what this province's own
+/// facts decide (the exchange issues that, so decisions never echo back).
 pub fn evaluate(policy: &Policy, facts: &Facts, now: Time) -> Evaluation {
+    let own = evaluate_local(policy, facts, now);
+    let mut foreign: Vec<&ForeignDecision> = facts
+        .foreign
+        .iter()
+        .filter(|f| rank(f.color) > rank(CodeColor::Green))
+        .filter(|f| f.valid_until.is_none_or(|until| until > now))
+        .collect();
+    if foreign.is_empty() {
+        return own;
+    }
+    foreign.sort_by(|a, b| a.province.cmp(&b.province));
+    let mut merged = own.clone();
+    merged.local = Some(Local {
+        color: own.color,
+        reasons: own.reasons.clone(),
+        valid_until: own.valid_until,
+    });
+    for f in &foreign {
+        merged.color = stricter(merged.color, f.color);
+        merged.reasons.push(foreign_reason(f));
+        if let Some(until) = f.valid_until {
+            merged.valid_until = Some(merged.valid_until.map_or(until, |v| v.min(until)));
+        }
+    }
+    // Stable: within a color, this province's reasons stay first.
+    merged
+        .reasons
+        .sort_by_key(|r| std::cmp::Reverse(rank(color_of(r.color))));
+    if foreign.iter().any(|f| rank(f.color) >= rank(merged.color)) {
+        // What clears this province's color does not clear another province's decision.
+        merged.clearance = None;
+    }
+    if merged.color != own.color {
+        // The override no longer decides what is shown.
+        merged.overridden = false;
+    }
+    if merged
+        .pending
+        .as_ref()
+        .is_some_and(|p| rank(p.proposed_color) <= rank(merged.color))
+    {
+        // Nothing would change when it is confirmed; it comes back with the local
+        // evaluation if the other province's decision lapses first.
+        merged.pending = None;
+    }
+    merged
+}
+
+fn foreign_reason(f: &ForeignDecision) -> ColorReason {
+    let codes: Vec<&str> = f
+        .reason_codes
+        .iter()
+        .filter_map(|c| ReasonCode::try_from(*c).ok())
+        .map(|c| c.as_str_name())
+        .collect();
+    ColorReason {
+        code: ReasonCode::OtherProvinceDecision as i32,
+        color: f.color as i32,
+        occurred_at: Some(to_proto(f.decided_at)),
+        holds_until: f.valid_until.map(to_proto),
+        rule_id: String::new(),
+        params: HashMap::from([
+            ("province_code".to_owned(), f.province.clone()),
+            ("reasons".to_owned(), codes.join(",")),
+        ]),
+    }
+}
+
+/// Evaluates this province's own facts under `policy` at `now`.
+fn evaluate_local(policy: &Policy, facts: &Facts, now: Time) -> Evaluation {
     if let Some(o) = &facts.override_
         && o.holds_until.is_none_or(|until| now < until)
     {
@@ -94,6 +178,7 @@ pub fn evaluate(policy: &Policy, facts: &Facts, now: Time) -> Evaluation {
         clearance,
         pending,
         overridden: false,
+        local: None,
     }
 }
 
@@ -112,6 +197,7 @@ fn overridden(o: &super::facts::Override, _now: Time) -> Evaluation {
         clearance: None,
         pending: None,
         overridden: true,
+        local: None,
     }
 }
 

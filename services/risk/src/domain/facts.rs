@@ -70,6 +70,17 @@ pub struct Override {
     pub applied_at: Time,
 }
 
+/// Another province's decision, from the latest exchange record of that province.
+#[derive(Debug, Clone)]
+pub struct ForeignDecision {
+    pub province: String,
+    pub sequence: u64,
+    pub color: CodeColor,
+    pub reason_codes: Vec<i32>,
+    pub decided_at: Time,
+    pub valid_until: Option<Time>,
+}
+
 /// Everything known about one person that a policy may read.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
@@ -81,6 +92,8 @@ pub struct Facts {
     pub national_checks: Vec<NationalCheck>,
     /// The applied override, if one decides the color.
     pub override_: Option<Override>,
+    /// Other provinces' decisions: the highest sequence of each province.
+    pub foreign: Vec<ForeignDecision>,
 }
 
 /// Strictness order: red > yellow > green > unspecified.

@@ -4,7 +4,8 @@ pub mod entities;
 
 use crate::domain::areas::overlaps;
 use crate::domain::facts::{
-    AreaStay, Contact, Directive, Dose, Facts, NationalCheck, Override, TestResult, color_of,
+    AreaStay, Contact, Directive, Dose, Facts, ForeignDecision, NationalCheck, Override,
+    TestResult, color_of,
 };
 use crate::domain::time::{Time, from_proto};
 use entities::*;
@@ -202,9 +203,28 @@ pub async fn load_facts<C: ConnectionTrait>(
                     });
                 }
             }
+            Some(EventKind::OtherProvinceDecision(d)) => {
+                if let Some(decided_at) = d.decided_at.as_ref().and_then(from_proto) {
+                    facts.foreign.push(ForeignDecision {
+                        province: d.issuing_province.clone(),
+                        sequence: d.sequence,
+                        color: color_of(d.color),
+                        reason_codes: d.reason_codes.clone(),
+                        decided_at,
+                        valid_until: d.valid_until.as_ref().and_then(from_proto),
+                    });
+                }
+            }
             None => {}
         }
     }
+    // Each province's latest record replaces its earlier ones.
+    facts
+        .foreign
+        .sort_by(|a, b| (&a.province, b.sequence).cmp(&(&b.province, a.sequence)));
+    facts
+        .foreign
+        .dedup_by(|later, kept| later.province == kept.province);
     if let Some(cleared) = stays_cleared_at(db, person_id).await? {
         facts.stays.retain(|s| s.known_at > cleared);
     }

@@ -315,3 +315,62 @@ fn the_default_policy_is_valid_and_bad_rules_are_named() {
         assert!(text.contains(field), "{field} missing in {text}");
     }
 }
+
+fn foreign(province: &str, sequence: u64, color: CodeColor, hours: i64) -> ForeignDecision {
+    ForeignDecision {
+        province: province.into(),
+        sequence,
+        color,
+        reason_codes: vec![ReasonCode::CloseContact as i32],
+        decided_at: t0() - Duration::hours(1),
+        valid_until: Some(t0() + Duration::hours(hours)),
+    }
+}
+
+#[test]
+fn another_provinces_decision_is_merged_while_valid_and_kept_apart_from_the_local_one() {
+    let facts = Facts {
+        foreign: vec![foreign("310000", 3, CodeColor::Red, 24)],
+        ..Facts::default()
+    };
+    let e = evaluate(&policy(), &facts, t0());
+    assert_eq!(e.color, CodeColor::Red);
+    assert_eq!(codes(&e), vec![ReasonCode::OtherProvinceDecision as i32]);
+    assert_eq!(e.reasons[0].params["province_code"], "310000");
+    assert_eq!(e.reasons[0].params["reasons"], "REASON_CODE_CLOSE_CONTACT");
+    assert_eq!(e.valid_until, Some(t0() + Duration::hours(24)));
+    let local = e.local.expect("the local decision is kept");
+    assert_eq!((local.color, local.reasons.len()), (CodeColor::Green, 0));
+    // Lapsed: it no longer counts, and nothing local is reported apart.
+    let later = evaluate(&policy(), &facts, t0() + Duration::hours(25));
+    assert_eq!((later.color, later.local), (CodeColor::Green, None));
+}
+
+#[test]
+fn a_local_red_stays_first_and_a_foreign_green_changes_nothing() {
+    let mut facts = close_contact_facts();
+    facts.foreign = vec![
+        foreign("310000", 1, CodeColor::Yellow, 2),
+        foreign("320000", 1, CodeColor::Green, 2),
+    ];
+    let alone = evaluate(&policy(), &close_contact_facts(), t0());
+    let e = evaluate(&policy(), &facts, t0());
+    assert_eq!(e.color, CodeColor::Red);
+    assert_eq!(e.reasons[0], alone.reasons[0]);
+    assert_eq!(
+        e.reasons.last().map(|r| r.code),
+        Some(ReasonCode::OtherProvinceDecision as i32)
+    );
+    assert_eq!(
+        e.reasons.len(),
+        alone.reasons.len() + 1,
+        "the green adds nothing"
+    );
+    assert_eq!(
+        e.clearance, alone.clearance,
+        "the local color still decides"
+    );
+    assert_eq!(e.local.map(|l| l.color), Some(CodeColor::Red));
+    // The yellow lapses in two hours: the color is re-evaluated then.
+    assert_eq!(e.valid_until, Some(t0() + Duration::hours(2)));
+}

@@ -1,0 +1,184 @@
+//! Other provinces' decisions reach this province's colors. Each record stored from a
+//! partner is published through the outbox ([`RECEIVED_TOPIC`]); this consumer finds the
+//! persons registered here under its pseudonym (identity) and records the decision with the
+//! risk service, which merges it into the color the gateway shows. Idempotent: the risk
+//! event id is the record's province and sequence with the person.
+
+use crate::service::{Identity, RECEIVED_TOPIC};
+use crate::sync::Risk;
+use healthcode_events::{Event, Handler, HandlerError};
+use healthcode_proto::common::v1::PersonRef;
+use healthcode_proto::exchange::v1 as pb;
+use healthcode_proto::identity::v1::ResolveExchangePseudonymsRequest;
+use healthcode_proto::risk::v1::{
+    OtherProvinceDecisionEvent, RecordEventsRequest, RiskEvent, risk_event,
+};
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use tonic::Code;
+
+/// The consumer group that applies received records.
+pub const APPLY_GROUP: &str = "exchange-apply";
+
+/// Pseudonyms per identity call and events per risk call (both services' batch limit).
+const BATCH: usize = 1_000;
+
+pub struct ApplyReceived {
+    pub identity: Identity,
+    pub risk: Risk,
+}
+
+/// The risk event of `record` for one person registered under its pseudonym.
+pub fn decision_event(record: &pb::ExchangeRecord, person_id: &str) -> RiskEvent {
+    RiskEvent {
+        event_id: format!(
+            "xr-{}-{}-{person_id}",
+            record.issuing_province, record.sequence
+        ),
+        person: Some(PersonRef {
+            person_id: person_id.to_owned(),
+        }),
+        observed_at: None,
+        event: Some(risk_event::Event::OtherProvinceDecision(
+            OtherProvinceDecisionEvent {
+                issuing_province: record.issuing_province.clone(),
+                sequence: record.sequence,
+                color: record.color,
+                reason_codes: record.reason_codes.clone(),
+                rule_version: record.rule_version,
+                decided_at: record.decided_at,
+                valid_until: record.valid_until,
+            },
+        )),
+    }
+}
+
+/// A call to `service` about `items` records failed. A refusal that retrying cannot mend
+/// (INVALID_ARGUMENT: records the other service will never take) is logged and skipped, so
+/// that it does not stall the topic. Everything else, including a configuration to mend
+/// (no pseudonym key, a token without the role), is retried: the decisions wait, they are
+/// not lost.
+fn refused(service: &str, status: &tonic::Status, items: usize) -> Result<(), HandlerError> {
+    if status.code() == Code::InvalidArgument {
+        tracing::warn!(
+            service,
+            message = status.message(),
+            items,
+            "received records refused; skipped"
+        );
+        Ok(())
+    } else {
+        Err(HandlerError::Transient(format!(
+            "{service}: {:?}",
+            status.code()
+        )))
+    }
+}
+
+impl ApplyReceived {
+    /// Person ids per pseudonym, for records made under `key_id`.
+    async fn persons(
+        &self,
+        key_id: &str,
+        pseudonyms: Vec<String>,
+    ) -> Result<BTreeMap<String, Vec<String>>, HandlerError> {
+        let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for chunk in pseudonyms.chunks(BATCH) {
+            let answer = self
+                .identity
+                .clone()
+                .resolve_exchange_pseudonyms(ResolveExchangePseudonymsRequest {
+                    pseudonyms: chunk.to_vec(),
+                    pseudonym_key_id: key_id.to_owned(),
+                })
+                .await;
+            match answer {
+                Ok(r) => {
+                    for p in r.into_inner().persons {
+                        if let Some(person) = p.person {
+                            found.entry(p.pseudonym).or_default().push(person.person_id);
+                        }
+                    }
+                }
+                Err(status) => refused("identity", &status, chunk.len())?,
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for ApplyReceived {
+    async fn handle(&self, events: &[Event]) -> Result<(), HandlerError> {
+        let records: Vec<pb::ExchangeRecord> = events
+            .iter()
+            .filter(|e| e.topic == RECEIVED_TOPIC)
+            .filter_map(|e| match pb::ExchangeRecord::decode(&e.payload[..]) {
+                Ok(r) => Some(r),
+                Err(err) => {
+                    tracing::warn!(event = %e.id, error = %err, "undecodable received record skipped");
+                    None
+                }
+            })
+            .collect();
+        let mut by_key: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for r in &records {
+            by_key
+                .entry(r.pseudonym_key_id.as_str())
+                .or_default()
+                .insert(r.pseudonym.clone());
+        }
+        let mut persons: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for (key_id, pseudonyms) in by_key {
+            for (pseudonym, ids) in self
+                .persons(key_id, pseudonyms.into_iter().collect())
+                .await?
+            {
+                // The pseudonym covers the document's type and number, not its issuing
+                // country: when two persons here share it, neither is given a decision that
+                // may be the other's.
+                if ids.len() == 1 {
+                    persons.insert((key_id.to_owned(), pseudonym), ids);
+                } else {
+                    tracing::warn!(
+                        persons = ids.len(),
+                        "a received record matches several persons here; not applied"
+                    );
+                }
+            }
+        }
+        let decisions: Vec<RiskEvent> = records
+            .iter()
+            .flat_map(|r| {
+                persons
+                    .get(&(r.pseudonym_key_id.clone(), r.pseudonym.clone()))
+                    .into_iter()
+                    .flatten()
+                    .map(move |person| decision_event(r, person))
+            })
+            .collect();
+        for chunk in decisions.chunks(BATCH) {
+            match self
+                .risk
+                .clone()
+                .record_events(RecordEventsRequest {
+                    events: chunk.to_vec(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if !r.errors.is_empty() {
+                        tracing::warn!(
+                            refused = r.errors.len(),
+                            first_reason = %r.errors[0].reason,
+                            "risk refused received decisions"
+                        );
+                    }
+                }
+                Err(status) => refused("risk", &status, chunk.len())?,
+            }
+        }
+        Ok(())
+    }
+}

@@ -6,10 +6,15 @@
 use crate::Backend;
 use crate::authorized;
 use crate::mesh::Mesh;
+use exchange::service::Exchange;
 use exchange::tls::{DevPki, Issued, client_tls, generate_dev_pki};
 use healthcode_auth::roles;
-use healthcode_proto::common::v1::GetPublicKeysRequest;
+use healthcode_crypto::SigningKey;
+use healthcode_proto::common::v1::{
+    CodeColor, ColorReason, GetPublicKeysRequest, PersonRef, PublicKey, ReasonCode,
+};
 use healthcode_proto::exchange::v1 as pb;
+use healthcode_proto::risk::v1::PersonColor;
 use pb::exchange_service_client::ExchangeServiceClient;
 use std::path::{Path, PathBuf};
 use tonic::transport::{Channel, Endpoint};
@@ -275,4 +280,93 @@ where
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// The public half of `key`, as a partner registration carries it.
+pub fn public_key_of(key: &SigningKey) -> PublicKey {
+    PublicKey {
+        key_id: key.key_id().into(),
+        algorithm: "SM2".into(),
+        public_key_sec1: key.verifying_key().sec1_bytes(),
+        ..Default::default()
+    }
+}
+
+/// Registers province `partner_id` with `mesh`'s exchange, in `mode`, presenting
+/// `certificate_pem` and signing with `key`. A real-time one is given an endpoint where
+/// nothing listens: this mesh serves it but cannot follow it.
+pub async fn register_province(
+    mesh: &Mesh,
+    partner_id: &str,
+    mode: pb::SyncMode,
+    certificate_pem: &str,
+    key: &SigningKey,
+) -> Result<pb::Partner, tonic::Status> {
+    mesh.exchange_client()
+        .await
+        .register_partner(authorized(
+            pb::RegisterPartnerRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                partner: Some(pb::Partner {
+                    partner_id: partner_id.to_owned(),
+                    kind: pb::PartnerKind::Province as i32,
+                    name: format!("province {partner_id}"),
+                    sync_mode: mode as i32,
+                    keys: vec![pb::PartnerKey {
+                        key: Some(public_key_of(key)),
+                        ..Default::default()
+                    }],
+                    tls_client_certificate_pem: certificate_pem.to_owned(),
+                    endpoint: if mode == pb::SyncMode::RealTime {
+                        "https://localhost:9".into()
+                    } else {
+                        String::new()
+                    },
+                    ..Default::default()
+                }),
+            },
+            &mesh.keys.token("exchange-ops", &[roles::EXCHANGE_ADMIN]),
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Has `exchange` issue `n` records about `person_id` directly (as if risk's color stream
+/// brought them): the color alternates between `colors`, each a newer version, so each
+/// issues one.
+pub async fn issue_alternating(
+    exchange: &Exchange,
+    person_id: &str,
+    n: u64,
+    colors: [CodeColor; 2],
+) -> Result<(), String> {
+    for v in 0..n {
+        let color = colors[(v % 2) as usize];
+        exchange
+            .issue(&[PersonColor {
+                person: Some(PersonRef {
+                    person_id: person_id.to_owned(),
+                }),
+                color: color as i32,
+                reasons: vec![ColorReason {
+                    code: ReasonCode::CloseContact as i32,
+                    color: color as i32,
+                    ..Default::default()
+                }],
+                version: 1_000_000 + v,
+                policy_version: 1,
+                ..Default::default()
+            }])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A whole mesh (province 330000) whose identity holds a fresh national pseudonym key
+/// (`national-1`), returned as hex.
+pub async fn mesh_with_pseudonym_key(backend: Backend) -> (Mesh, String) {
+    let key = healthcode_crypto::PseudonymKey::generate_hex().expect("key");
+    let mesh = Mesh::start_with(backend, None, &[("EXCHANGE_PSEUDONYM_KEY", key.as_str())]).await;
+    (mesh, key)
 }

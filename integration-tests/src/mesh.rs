@@ -118,18 +118,19 @@ impl Mesh {
                 identity_env = identity_env.with(k, v);
             }
         }
-        let (providers, sms) = Providers::local();
-        let identity = identity::Application::build(
-            identity::config::IdentityConfig::from_env(&identity_env).expect("identity config"),
-            providers,
-        )
-        .await
-        .expect("identity starts");
         let settings = healthcode_cache::RedisSettings::from_env(&base(String::new()))
             .expect("redis settings");
         let backends = Backends::connect(settings.as_ref(), &prefix)
             .await
             .expect("backends");
+        let (providers, sms) = Providers::local();
+        let identity = identity::Application::build(
+            identity::config::IdentityConfig::from_env(&identity_env).expect("identity config"),
+            backends.clone(),
+            providers,
+        )
+        .await
+        .expect("identity starts");
         let mut risk_env = base(databases[1].clone())
             .with("SWEEP_INTERVAL_MS", "500")
             .with("CONSUMER_NAME", "risk-test");
@@ -209,7 +210,10 @@ impl Mesh {
         let mut exchange_env = base(databases[5].clone())
             .with("IDENTITY_URL", format!("http://{}", identity.local_addr()))
             .with("RISK_URL", format!("http://{}", risk.local_addr()))
-            .with("SERVICE_TOKEN", keys.token("exchange", &[roles::INTERNAL]))
+            .with(
+                "SERVICE_TOKEN",
+                keys.token("exchange", &[roles::INTERNAL, roles::EXCHANGE]),
+            )
             .with("CONSUMER_NAME", "exchange-test")
             .with("HEARTBEAT_MS", "500");
         for (k, v) in exchange::config::generate_dev_secrets().expect("secrets") {

@@ -11,7 +11,10 @@ use healthcode_proto::common::v1::{CodeColor, PersonRef, ReasonCode, SignedEnvel
 use healthcode_proto::exchange::v1 as pb;
 use healthcode_proto::identity::v1 as id;
 use healthcode_proto::risk::v1 as rk;
-use integration_tests::exchange::{Province, THIRD, eventually, linked_pair};
+use integration_tests::exchange::{
+    Province, THIRD, eventually, issue_alternating, linked_pair, mesh_with_pseudonym_key,
+    register_province,
+};
 use integration_tests::mesh::{Mesh, resident_id};
 use integration_tests::{Backend, authorized, bad_fields, count};
 use prost::Message;
@@ -215,6 +218,31 @@ async fn two_provinces_share_colors_over_mutual_tls() {
         (in_b.color, &in_b.deciding_province)
     );
 
+    // A person A turned red who registers in B only after the record arrived is shown it:
+    // the registration reaches B's exchange, which applies what it already holds.
+    let late_in_a = a.mesh.verified_person(600).await;
+    contact(&a.mesh, &late_in_a, rk::ContactKind::Close).await;
+    let late_in_a = &late_in_a;
+    assert!(
+        eventually(WAIT, || async move {
+            pa.merged(late_in_a).await.color == CodeColor::Red as i32
+        })
+        .await
+    );
+    assert!(
+        caught_up(&b, &a).await,
+        "B holds A's red before the person registers"
+    );
+    let late = b.mesh.verified_person(600).await;
+    let late = &late;
+    assert!(
+        eventually(WAIT, || async move {
+            pb_.shows(late).await == CodeColor::Red as i32
+        })
+        .await,
+        "a person registered after A's record arrived is shown A's red"
+    );
+
     // 2. The link is cut (B suspends A), A decides more, the link is restored: B catches
     // up with every record, each once, byte for byte.
     assert!(caught_up(&b, &a).await);
@@ -327,34 +355,15 @@ async fn two_provinces_share_colors_over_mutual_tls() {
         .into_inner();
     assert_eq!((reply.accepted, reply.duplicates), (0, 1));
     // Another province's partner publishing A's genuine record: not its own decision.
-    b.mesh
-        .exchange_client()
-        .await
-        .register_partner(authorized(
-            pb::RegisterPartnerRequest {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                partner: Some(pb::Partner {
-                    partner_id: THIRD.into(),
-                    kind: pb::PartnerKind::Province as i32,
-                    name: "province 320000".into(),
-                    sync_mode: pb::SyncMode::Manual as i32,
-                    keys: vec![pb::PartnerKey {
-                        key: Some(healthcode_proto::common::v1::PublicKey {
-                            key_id: third_key.key_id().into(),
-                            algorithm: "SM2".into(),
-                            public_key_sec1: third_key.verifying_key().sec1_bytes(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }],
-                    tls_client_certificate_pem: b.issued_to(THIRD).certificate_pem.clone(),
-                    ..Default::default()
-                }),
-            },
-            &b.admin(),
-        ))
-        .await
-        .expect("register the third province");
+    register_province(
+        &b.mesh,
+        THIRD,
+        pb::SyncMode::Manual,
+        &b.issued_to(THIRD).certificate_pem,
+        &third_key,
+    )
+    .await
+    .expect("register the third province");
     let mut as_third = b.partner_client(b.issued_to(THIRD)).await;
     let reply = as_third
         .publish_records(pb::PublishRecordsRequest {
@@ -825,6 +834,38 @@ async fn two_provinces_share_colors_over_mutual_tls() {
         persons.len()
     );
 
+    // 7. B distrusts the key A signed everything with (compromised): A's decisions no
+    // longer count in B, neither in its merged colors nor at its gateway. Persons 0 to 4
+    // and the late one were decided by A alone.
+    b.mesh
+        .exchange_client()
+        .await
+        .revoke_partner_key(authorized(
+            pb::RevokePartnerKeyRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                partner_id: A.into(),
+                key_id: a_key.key_id().to_owned(),
+                reason: "key compromised".into(),
+                distrust_earlier: true,
+            },
+            &b.admin(),
+        ))
+        .await
+        .expect("revoke with distrust");
+    let decided_by_a_alone: Vec<&String> = persons[..5]
+        .iter()
+        .map(|(_, ib)| ib)
+        .chain([late])
+        .collect();
+    for ib in decided_by_a_alone {
+        assert_ne!(b.merged(ib).await.deciding_province, A);
+        let withdrawn = eventually(WAIT, || async move {
+            pb_.shows(ib).await == CodeColor::Green as i32
+        })
+        .await;
+        assert!(withdrawn, "B's gateway no longer shows A's distrusted red");
+    }
+
     a.stop().await;
     b.stop().await;
 }
@@ -859,13 +900,7 @@ async fn as_a_client_of(
 
 #[tokio::test]
 async fn records_are_issued_on_the_embedded_default() {
-    let key = healthcode_crypto::PseudonymKey::generate_hex().unwrap();
-    let mesh = Mesh::start_with(
-        Backend::Embedded,
-        None,
-        &[("EXCHANGE_PSEUDONYM_KEY", key.as_str())],
-    )
-    .await;
+    let (mesh, key) = mesh_with_pseudonym_key(Backend::Embedded).await;
     let person_id = mesh.verified_person(31).await;
 
     // The pseudonym identity derives is the contract's, over the real document number.
@@ -883,7 +918,9 @@ async fn records_are_issued_on_the_embedded_default() {
                     },
                 ],
             },
-            &mesh.keys.token("exchange", &[roles::INTERNAL]),
+            &mesh
+                .keys
+                .token("exchange", &[roles::INTERNAL, roles::EXCHANGE]),
         ))
         .await
         .expect("pseudonyms")
@@ -909,7 +946,9 @@ async fn records_are_issued_on_the_embedded_default() {
                 .await
                 .resolve_exchange_pseudonyms(authorized(
                     request,
-                    &mesh.keys.token("exchange", &[roles::INTERNAL]),
+                    &mesh
+                        .keys
+                        .token("exchange", &[roles::INTERNAL, roles::EXCHANGE]),
                 ))
                 .await
         }
@@ -938,6 +977,51 @@ async fn records_are_issued_on_the_embedded_default() {
         bad_fields(&bad),
         ["pseudonym_key_id", "pseudonyms[0]", "pseudonyms[1]"]
     );
+    // Only the exchange resolves pseudonyms and records other provinces' decisions: another
+    // service of this mesh is refused, and nothing is recorded.
+    let other_service = mesh.keys.token("gateway", &[roles::INTERNAL]);
+    let denied = mesh
+        .identity_client()
+        .await
+        .resolve_exchange_pseudonyms(authorized(
+            id::ResolveExchangePseudonymsRequest {
+                pseudonyms: vec![expected.clone()],
+                pseudonym_key_id: "national-1".into(),
+            },
+            &other_service,
+        ))
+        .await
+        .expect_err("not the exchange");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let forged_decision = rk::RiskEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        person: person(&person_id),
+        observed_at: None,
+        event: Some(rk::risk_event::Event::OtherProvinceDecision(
+            rk::OtherProvinceDecisionEvent {
+                issuing_province: "310000".into(),
+                sequence: 1,
+                color: CodeColor::Red as i32,
+                reason_codes: vec![],
+                rule_version: 1,
+                decided_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+                valid_until: None,
+                withdrawn: false,
+            },
+        )),
+    };
+    let denied = mesh
+        .risk_client()
+        .await
+        .record_events(authorized(
+            rk::RecordEventsRequest {
+                events: vec![forged_decision],
+            },
+            &other_service,
+        ))
+        .await
+        .expect_err("not the exchange");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 
     contact(&mesh, &person_id, rk::ContactKind::Close).await;
     let internal = mesh.keys.token("gateway", &[roles::INTERNAL]);
@@ -992,13 +1076,7 @@ async fn records_are_issued_on_the_embedded_default() {
 /// every record gets its own sequence, and the sequences run 1, 2, 3... without a gap.
 #[tokio::test]
 async fn concurrent_issuers_number_records_without_gaps() {
-    let key = healthcode_crypto::PseudonymKey::generate_hex().unwrap();
-    let mesh = Mesh::start_with(
-        Backend::Real,
-        None,
-        &[("EXCHANGE_PSEUDONYM_KEY", key.as_str())],
-    )
-    .await;
+    let (mesh, _) = mesh_with_pseudonym_key(Backend::Real).await;
     let mut persons = Vec::new();
     for n in 0..12 {
         persons.push(mesh.verified_person(40 + n).await);
@@ -1119,12 +1197,14 @@ async fn a_starting_identity_backfills_pseudonyms_under_a_rotated_key() {
         .with("EXCHANGE_PSEUDONYM_KEY", key.as_str())
         .with("EXCHANGE_PSEUDONYM_KEY_ID", "national-2");
     let (providers, _) = identity::providers::Providers::local();
-    let replica = identity::Application::build(
-        identity::config::IdentityConfig::from_env(&env).expect("config"),
-        providers,
-    )
-    .await
-    .expect("a second identity replica starts");
+    let config = identity::config::IdentityConfig::from_env(&env).expect("config");
+    let backends =
+        healthcode_events::Backends::connect(config.redis.as_ref(), &config.cache_prefix)
+            .await
+            .expect("backends");
+    let replica = identity::Application::build(config, backends, providers)
+        .await
+        .expect("a second identity replica starts");
     let rotated = healthcode_crypto::PseudonymKey::from_hex("national-2", &key).unwrap();
     let pseudonyms: Vec<String> = (0..3)
         .map(|n| rotated.pseudonym(1, &resident_id(900 + n)))
@@ -1135,7 +1215,9 @@ async fn a_starting_identity_backfills_pseudonyms_under_a_rotated_key() {
     ))
     .await
     .expect("connect");
-    let token = mesh.keys.token("exchange", &[roles::INTERNAL]);
+    let token = mesh
+        .keys
+        .token("exchange", &[roles::INTERNAL, roles::EXCHANGE]);
     let mut found = Vec::new();
     for _ in 0..100 {
         match client
@@ -1165,4 +1247,109 @@ async fn a_starting_identity_backfills_pseudonyms_under_a_rotated_key() {
     assert_eq!(ids, persons, "every earlier person, in request order");
     replica.shutdown().await;
     mesh.stop().await;
+}
+
+/// Backpressure: a real-time partner that stops reading its stream fills its own bounded
+/// buffer and waits there; another partner's stream receives every record meanwhile, and
+/// the stalled one resumes without gap once it reads again.
+#[tokio::test]
+async fn a_partner_that_stops_reading_does_not_slow_the_others() {
+    let (mesh, _) = mesh_with_pseudonym_key(Backend::Real).await;
+    let pki = exchange::tls::generate_dev_pki(
+        "330000",
+        &["localhost".to_owned()],
+        &["310000".to_owned(), "320000".to_owned()],
+    )
+    .expect("pki");
+    for (partner, issued) in &pki.partners {
+        let signing = SigningKey::generate(format!("exchange-{partner}-1")).expect("key");
+        register_province(
+            &mesh,
+            partner,
+            pb::SyncMode::RealTime,
+            &issued.certificate_pem,
+            &signing,
+        )
+        .await
+        .expect("register partner");
+    }
+    let fingerprint = |partner: &str| {
+        pki.partners
+            .iter()
+            .find(|(id, _)| id == partner)
+            .map(|(_, issued)| issued.sha256.clone())
+            .expect("certificate")
+    };
+    let service = mesh.exchange.service().clone();
+    let mut slow = service
+        .subscribe("320000", &fingerprint("320000"), 0)
+        .expect("the slow partner's stream");
+    let mut fast = service
+        .subscribe("310000", &fingerprint("310000"), 0)
+        .expect("the fast partner's stream");
+
+    // 200 records about one person (the color alternates, so each version issues one).
+    let person_id = mesh.verified_person(60).await;
+    const RECORDS: u64 = 200;
+    let first = service.latest_sequence().await.expect("latest") + 1;
+    issue_alternating(
+        &service,
+        &person_id,
+        RECORDS,
+        [CodeColor::Yellow, CodeColor::Red],
+    )
+    .await
+    .expect("issue");
+    let last = service.latest_sequence().await.expect("latest");
+    assert!(last >= first + RECORDS - 1);
+
+    // The fast partner gets every record, in order, while the slow one reads nothing.
+    let started = Instant::now();
+    let got = read_records(&mut fast, last).await;
+    println!(
+        "fast partner: {} records in {:?} beside a partner reading nothing",
+        got.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        got,
+        (1..=last).collect::<Vec<_>>(),
+        "every record, in order"
+    );
+    // The slow partner's buffer is full: it waits there, on its own.
+    assert_eq!(
+        slow.len(),
+        slow.max_capacity(),
+        "the slow partner's buffer is full"
+    );
+    // Reading again, it gets everything, without gap or duplicate.
+    let got = read_records(&mut slow, last).await;
+    assert_eq!(
+        got,
+        (1..=last).collect::<Vec<_>>(),
+        "the slow partner resumes without gap"
+    );
+    drop((slow, fast));
+    mesh.stop().await;
+}
+
+type Records = tokio::sync::mpsc::Receiver<Result<pb::SubscribeResponse, tonic::Status>>;
+
+/// The sequences a stream delivers until it reaches `last` (or WAIT passes).
+async fn read_records(rx: &mut Records, last: u64) -> Vec<u64> {
+    let mut sequences = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while sequences.last().copied().unwrap_or(0) < last && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some(Ok(item))) => {
+                if let Some(pb::subscribe_response::Item::Record(r)) = item.item {
+                    sequences.push(r.record.expect("record").sequence);
+                }
+            }
+            Ok(Some(Err(status))) => panic!("stream ended: {status}"),
+            Ok(None) => panic!("stream closed"),
+            Err(_) => {}
+        }
+    }
+    sequences
 }

@@ -40,7 +40,11 @@ async fn start(backend: Backend, extra: &[(&str, &str)]) -> Running {
     let database_url = env.raw("DATABASE_URL").unwrap_or_default().to_owned();
     let config = IdentityConfig::from_env(&env).expect("config");
     let (providers, sms) = Providers::local();
-    let app = Application::build(config, providers)
+    let backends =
+        healthcode_events::Backends::connect(config.redis.as_ref(), &config.cache_prefix)
+            .await
+            .expect("backends");
+    let app = Application::build(config, backends, providers)
         .await
         .expect("identity starts");
     let client = IdentityServiceClient::connect(format!("http://{}", app.local_addr()))

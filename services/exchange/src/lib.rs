@@ -91,7 +91,8 @@ pub struct Application {
     db: DatabaseConnection,
     service: Arc<Exchange>,
     consumer: ConsumerHandle,
-    apply: Option<ConsumerHandle>,
+    /// Applies received records (and held ones to persons who register later).
+    apply: Option<[ConsumerHandle; 2]>,
     relay: RelayHandle,
     sync: SyncHandle,
 }
@@ -124,21 +125,25 @@ impl Application {
             .map(|url| sync::risk_client(url, &config.service_token, config.upstream_timeout))
             .transpose()?;
         let apply = match &risk {
-            Some(risk) => Some(
-                Consumer::new(
-                    backends.bus.clone(),
-                    ConsumerSettings::new(
-                        service::RECEIVED_TOPIC,
-                        received::APPLY_GROUP,
-                        &config.consumer_name,
-                    ),
-                    Arc::new(received::ApplyReceived {
-                        identity,
-                        risk: risk.clone(),
-                    }),
-                )
-                .spawn(),
-            ),
+            Some(risk) => {
+                let handler = Arc::new(received::ApplyReceived {
+                    exchange: service.clone(),
+                    identity,
+                    risk: risk.clone(),
+                });
+                let consume = |topic: &str, group: &str| {
+                    Consumer::new(
+                        backends.bus.clone(),
+                        ConsumerSettings::new(topic, group, &config.consumer_name),
+                        handler.clone(),
+                    )
+                    .spawn()
+                };
+                Some([
+                    consume(service::RECEIVED_TOPIC, received::APPLY_GROUP),
+                    consume(received::PSEUDONYM_TOPIC, received::REGISTERED_GROUP),
+                ])
+            }
             None => {
                 tracing::warn!(
                     "RISK_URL is unset: other provinces' decisions are held here but do not \
@@ -245,7 +250,7 @@ impl Application {
         self.server.shutdown().await;
         self.sync.shutdown().await;
         self.consumer.shutdown().await;
-        if let Some(apply) = self.apply {
+        for apply in self.apply.into_iter().flatten() {
             apply.shutdown().await;
         }
         self.relay.shutdown().await;
@@ -254,3 +259,5 @@ impl Application {
         }
     }
 }
+
+healthcode_server::process!(Application);

@@ -1,39 +1,54 @@
 //! Other provinces' decisions reach this province's colors. Each record stored from a
-//! partner is published through the outbox ([`RECEIVED_TOPIC`]); this consumer finds the
-//! persons registered here under its pseudonym (identity) and records the decision with the
-//! risk service, which merges it into the color the gateway shows. Idempotent: the risk
-//! event id is the record's province and sequence with the person.
+//! partner, each key distrusted, and each person registered here (identity's
+//! [`PSEUDONYM_TOPIC`]) names pseudonyms through an event; this consumer reads the latest
+//! record each province sent about them (the merge rule's view), finds the persons
+//! registered here under each pseudonym (identity), and gives the risk service the decision,
+//! or its withdrawal when the key that signed it is distrusted. Risk merges it into the
+//! color the gateway shows. Idempotent: the risk event id is the record's province and
+//! sequence with the person (and whether it withdraws).
 
-use crate::service::{Identity, RECEIVED_TOPIC};
+use crate::service::{Exchange, Identity, RECEIVED_TOPIC};
 use crate::sync::Risk;
 use healthcode_events::{Event, Handler, HandlerError};
 use healthcode_proto::common::v1::PersonRef;
 use healthcode_proto::exchange::v1 as pb;
-use healthcode_proto::identity::v1::ResolveExchangePseudonymsRequest;
+use healthcode_proto::identity::v1::{ExchangePseudonym, ResolveExchangePseudonymsRequest};
 use healthcode_proto::risk::v1::{
     OtherProvinceDecisionEvent, RecordEventsRequest, RiskEvent, risk_event,
 };
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use tonic::Code;
 
 /// The consumer group that applies received records.
 pub const APPLY_GROUP: &str = "exchange-apply";
 
+/// The consumer group that applies held records to persons who register here after they
+/// arrived.
+pub const REGISTERED_GROUP: &str = "exchange-registered";
+
+/// Identity's topic: each registration's exchange pseudonym (`ExchangePseudonym`).
+pub const PSEUDONYM_TOPIC: &str = "identity.pseudonym_registered";
+
 /// Pseudonyms per identity call and events per risk call (both services' batch limit).
 const BATCH: usize = 1_000;
 
 pub struct ApplyReceived {
+    pub exchange: Arc<Exchange>,
     pub identity: Identity,
     pub risk: Risk,
 }
 
-/// The risk event of `record` for one person registered under its pseudonym.
-pub fn decision_event(record: &pb::ExchangeRecord, person_id: &str) -> RiskEvent {
+/// The risk event of `record` for one person registered under its pseudonym: the decision,
+/// or, when the key that signed it is no longer trusted, its withdrawal.
+pub fn decision_event(record: &pb::ExchangeRecord, person_id: &str, trusted: bool) -> RiskEvent {
     RiskEvent {
         event_id: format!(
-            "xr-{}-{}-{person_id}",
-            record.issuing_province, record.sequence
+            "{}-{}-{}-{person_id}",
+            if trusted { "xr" } else { "xw" },
+            record.issuing_province,
+            record.sequence
         ),
         person: Some(PersonRef {
             person_id: person_id.to_owned(),
@@ -48,6 +63,7 @@ pub fn decision_event(record: &pb::ExchangeRecord, person_id: &str) -> RiskEvent
                 rule_version: record.rule_version,
                 decided_at: record.decided_at,
                 valid_until: record.valid_until,
+                withdrawn: !trusted,
             },
         )),
     }
@@ -110,19 +126,30 @@ impl ApplyReceived {
 #[async_trait::async_trait]
 impl Handler for ApplyReceived {
     async fn handle(&self, events: &[Event]) -> Result<(), HandlerError> {
-        let records: Vec<pb::ExchangeRecord> = events
+        let named: BTreeSet<String> = events
             .iter()
-            .filter(|e| e.topic == RECEIVED_TOPIC)
-            .filter_map(|e| match pb::ExchangeRecord::decode(&e.payload[..]) {
-                Ok(r) => Some(r),
+            .filter(|e| e.topic == RECEIVED_TOPIC || e.topic == PSEUDONYM_TOPIC)
+            .filter_map(|e| match ExchangePseudonym::decode(&e.payload[..]) {
+                Ok(p) if !p.pseudonym.is_empty() => Some(p.pseudonym),
+                Ok(_) => None,
                 Err(err) => {
-                    tracing::warn!(event = %e.id, error = %err, "undecodable received record skipped");
+                    tracing::warn!(event = %e.id, error = %err, "undecodable pseudonym event skipped");
                     None
                 }
             })
             .collect();
+        let named: Vec<String> = named.into_iter().collect();
+        let mut records = Vec::new();
+        for chunk in named.chunks(BATCH) {
+            records.extend(
+                self.exchange
+                    .latest_received(chunk)
+                    .await
+                    .map_err(|e| HandlerError::Transient(e.to_string()))?,
+            );
+        }
         let mut by_key: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-        for r in &records {
+        for (r, _) in &records {
             by_key
                 .entry(r.pseudonym_key_id.as_str())
                 .or_default()
@@ -149,12 +176,12 @@ impl Handler for ApplyReceived {
         }
         let decisions: Vec<RiskEvent> = records
             .iter()
-            .flat_map(|r| {
+            .flat_map(|(r, trusted)| {
                 persons
                     .get(&(r.pseudonym_key_id.clone(), r.pseudonym.clone()))
                     .into_iter()
                     .flatten()
-                    .map(move |person| decision_event(r, person))
+                    .map(move |person| decision_event(r, person, *trusted))
             })
             .collect();
         for chunk in decisions.chunks(BATCH) {

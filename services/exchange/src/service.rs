@@ -14,8 +14,8 @@ use healthcode_errors::ServiceError;
 use healthcode_events::Relay;
 use healthcode_proto::common::v1::{CodeColor, ItemError, PersonRef, ReasonCode, SignedEnvelope};
 use healthcode_proto::exchange::v1 as pb;
-use healthcode_proto::identity::v1::GetExchangePseudonymsRequest;
 use healthcode_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use healthcode_proto::identity::v1::{ExchangePseudonym, GetExchangePseudonymsRequest};
 use healthcode_proto::risk::v1::PersonColor;
 use healthcode_proto::time::{from_ts, ts};
 use healthcode_server::outbound::{Outbound, OutboundError, lazy_channel, with_deadline};
@@ -86,9 +86,21 @@ pub struct Exchange {
     relay: Relay,
 }
 
-/// Records received from partners and stored (`ExchangeRecord`, keyed by pseudonym), for
-/// the risk service to merge into this province's colors.
+/// Pseudonyms whose held records changed: a record received and stored, or a key that
+/// signed some of them distrusted (payload `identity.v1.ExchangePseudonym`, without a
+/// person; keyed by pseudonym). The `exchange-apply` consumer gives the risk service each
+/// province's latest record about them, so that the gateway shows the merged color.
 pub const RECEIVED_TOPIC: &str = "exchange.record_received";
+
+/// The payload of [`RECEIVED_TOPIC`] for one pseudonym.
+pub fn received_notice(pseudonym: &str, pseudonym_key_id: &str) -> (String, Vec<u8>) {
+    let notice = ExchangePseudonym {
+        person: None,
+        pseudonym: pseudonym.to_owned(),
+        pseudonym_key_id: pseudonym_key_id.to_owned(),
+    };
+    (pseudonym.to_owned(), notice.encode_to_vec())
+}
 
 fn precondition(reason: &str, message: impl Into<String>) -> ServiceError {
     ServiceError::precondition(reason, message)
@@ -571,11 +583,42 @@ impl Exchange {
             .exec(&txn)
             .await
             .map_err(db_error)?;
+        // Newly distrusted: every person with a record under this key has their held
+        // records applied again, in this transaction, so that the decisions it signed are
+        // withdrawn from the colors shown here and none is missed by a crash.
+        let withdrawn = if distrust_earlier && !key.distrust_earlier {
+            let pseudonyms: Vec<String> = inbound::Entity::find()
+                .select_only()
+                .column(inbound::Column::Pseudonym)
+                .distinct()
+                .filter(inbound::Column::KeyId.eq(key_id))
+                .into_tuple()
+                .all(&txn)
+                .await
+                .map_err(db_error)?;
+            let notices: Vec<_> = pseudonyms.iter().map(|p| received_notice(p, "")).collect();
+            healthcode_events::outbox::enqueue_many(&txn, RECEIVED_TOPIC, notices)
+                .await
+                .map_err(db_error)?;
+            pseudonyms.len()
+        } else {
+            0
+        };
         let answer = Self::message_of(&txn, partner_id).await?;
-        tracing::warn!(partner = %partner_id, key_id = %key_id, distrust_earlier, "partner key revoked");
-        commit_with(&self.db, txn, &reply_key, answer)
+        tracing::warn!(
+            partner = %partner_id,
+            key_id = %key_id,
+            distrust_earlier,
+            persons_to_withdraw = withdrawn,
+            "partner key revoked"
+        );
+        let answer = commit_with(&self.db, txn, &reply_key, answer)
             .await
-            .map_err(db_error)
+            .map_err(db_error)?;
+        if withdrawn > 0 {
+            self.relay.wake();
+        }
+        Ok(answer)
     }
 
     // -----------------------------------------------------------------------------------
@@ -1140,7 +1183,8 @@ impl Exchange {
                     .await?
                     .inspect(|(_, decided)| {
                         if decided.is_some() {
-                            received.push((record.pseudonym.clone(), record.encode_to_vec()));
+                            received
+                                .push(received_notice(&record.pseudonym, &record.pseudonym_key_id));
                         }
                     }),
             };
@@ -1398,15 +1442,7 @@ impl Exchange {
             .all(&self.db)
             .await
             .map_err(db_error)?;
-        let distrusted: std::collections::HashSet<String> = partner_key::Entity::find()
-            .filter(partner_key::Column::KeyId.is_in(received.iter().map(|r| r.key_id.clone())))
-            .filter(partner_key::Column::DistrustEarlier.eq(true))
-            .all(&self.db)
-            .await
-            .map_err(db_error)?
-            .into_iter()
-            .map(|k| k.key_id)
-            .collect();
+        let distrusted = self.distrusted(&received).await?;
         for r in received {
             let signed = signed_record(&r.envelope)?;
             let record = signed.record.clone().unwrap_or_default();
@@ -1590,6 +1626,55 @@ fn refusal(index: usize, item_id: String, err: &RecordError) -> ItemError {
 }
 
 /// A stored envelope with its decoded record (ours, or checked on receipt).
+impl Exchange {
+    /// The key ids among those of `received` that are distrusted (revoked with
+    /// `distrust_earlier`): their records no longer count.
+    async fn distrusted(
+        &self,
+        received: &[inbound::Model],
+    ) -> Result<std::collections::HashSet<String>, ServiceError> {
+        Ok(partner_key::Entity::find()
+            .filter(partner_key::Column::KeyId.is_in(received.iter().map(|r| r.key_id.clone())))
+            .filter(partner_key::Column::DistrustEarlier.eq(true))
+            .all(&self.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|k| k.key_id)
+            .collect())
+    }
+
+    /// For each of `pseudonyms`, the latest record each province sent about it, with
+    /// whether its key is still trusted (the merge rule's view of what is held).
+    pub async fn latest_received(
+        &self,
+        pseudonyms: &[String],
+    ) -> Result<Vec<(pb::ExchangeRecord, bool)>, ServiceError> {
+        let received = inbound::Entity::find()
+            .filter(inbound::Column::Pseudonym.is_in(pseudonyms.iter().cloned()))
+            .all(&self.db)
+            .await
+            .map_err(db_error)?;
+        let distrusted = self.distrusted(&received).await?;
+        let mut by_pseudonym: BTreeMap<String, Vec<(pb::ExchangeRecord, bool)>> = BTreeMap::new();
+        for r in received {
+            let record = signed_record(&r.envelope)?.record.unwrap_or_default();
+            by_pseudonym
+                .entry(r.pseudonym)
+                .or_default()
+                .push((record, !distrusted.contains(&r.key_id)));
+        }
+        Ok(by_pseudonym
+            .values()
+            .flat_map(|held| {
+                records::latest_per_province(held.iter().map(|(r, t)| (r, *t)))
+                    .into_iter()
+                    .map(|(r, t)| (r.clone(), t))
+            })
+            .collect())
+    }
+}
+
 fn signed_record(envelope: &[u8]) -> Result<pb::SignedRecord, ServiceError> {
     let envelope: SignedEnvelope = decode(envelope)?;
     let record: pb::ExchangeRecord = decode(&envelope.payload)?;

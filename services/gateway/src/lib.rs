@@ -177,3 +177,5 @@ impl Application {
         }
     }
 }
+
+healthcode_server::process!(Application);

@@ -364,21 +364,21 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
         "in-process"
     };
 
-    let (providers, _sms) = identity::providers::Providers::local();
-    let identity = identity::Application::build(config, providers)
-        .await
-        .context("starting identity")?;
-
-    // Risk and the gateway share one cache and one event bus: Redis when REDIS_URL is set,
+    // The services share one cache and one event bus: Redis when REDIS_URL is set,
     // otherwise one in-process instance of each.
-    let risk_env = service_env(&base, &data_dir, "risk", format!("{host}:{}", ports.risk));
-    let risk_config = risk::config::RiskConfig::from_env(&risk_env)
-        .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
     let backends =
-        healthcode_events::Backends::connect(risk_config.redis.as_ref(), &risk_config.cache_prefix)
+        healthcode_events::Backends::connect(config.redis.as_ref(), &config.cache_prefix)
             .await
             .map_err(anyhow::Error::msg)
             .context("connecting the cache and the event bus")?;
+    let (providers, _sms) = identity::providers::Providers::local();
+    let identity = identity::Application::build(config, backends.clone(), providers)
+        .await
+        .context("starting identity")?;
+
+    let risk_env = service_env(&base, &data_dir, "risk", format!("{host}:{}", ports.risk));
+    let risk_config = risk::config::RiskConfig::from_env(&risk_env)
+        .unwrap_or_else(|e| healthcode_config::exit_on_config_error(&e));
     let risk = risk::Application::build(risk_config, backends.clone())
         .await
         .context("starting risk")?;
@@ -467,7 +467,12 @@ async fn up(data_dir: PathBuf, host: String, ports: Ports) -> anyhow::Result<()>
     .with("RISK_URL", format!("http://{}", risk.local_addr()))
     .with(
         "SERVICE_TOKEN",
-        issuer.mint("exchange", &[roles::INTERNAL], now(), 30 * 24 * 3600)?,
+        issuer.mint(
+            "exchange",
+            &[roles::INTERNAL, roles::EXCHANGE],
+            now(),
+            30 * 24 * 3600,
+        )?,
     );
     let exchange_env = prefixed(exchange_env, &secrets, "EXCHANGE_");
     let exchange_config = exchange::config::ExchangeConfig::from_env(&exchange_env)

@@ -15,6 +15,7 @@ use crate::rpc::IdentityRpc;
 use crate::service::Identity;
 use crate::store::{Sealer, Store};
 use healthcode_auth::TokenVerifier;
+use healthcode_events::{Backends, Relay, RelayHandle, RelaySettings};
 use healthcode_proto::identity::v1::identity_service_server::{
     IdentityServiceServer, SERVICE_NAME,
 };
@@ -27,8 +28,6 @@ use std::sync::Arc;
 pub enum StartError {
     #[error("database: {0}")]
     Database(#[from] sea_orm::DbErr),
-    #[error("cache: {0}")]
-    Cache(#[from] healthcode_cache::CacheError),
     #[error("cannot bind: {0}")]
     Bind(#[from] std::io::Error),
 }
@@ -38,6 +37,7 @@ pub struct Application {
     server: RunningServer,
     db: DatabaseConnection,
     backfill: tokio::task::JoinHandle<()>,
+    relay: RelayHandle,
 }
 
 /// Writes the exchange pseudonyms of persons registered before the key was configured or
@@ -72,18 +72,24 @@ async fn backfill_pseudonyms(store: Store) {
 }
 
 impl Application {
-    /// Connects, migrates, binds (port 0 allowed) and serves in the background.
-    pub async fn build(config: IdentityConfig, providers: Providers) -> Result<Self, StartError> {
+    /// Connects, migrates, binds (port 0 allowed) and serves in the background. The cache
+    /// keeps SMS limits and phone challenges; the bus carries the registrations' pseudonyms
+    /// ([`store::PSEUDONYM_TOPIC`]) to the exchange.
+    pub async fn build(
+        config: IdentityConfig,
+        backends: Backends,
+        providers: Providers,
+    ) -> Result<Self, StartError> {
         let db = healthcode_db::connect_and_migrate::<migration::Migrator>(&config.db).await?;
-        let cache =
-            healthcode_cache::from_settings(config.redis.as_ref(), &config.cache_prefix).await?;
+        let relay = Relay::new(db.clone(), backends.bus.clone(), RelaySettings::default());
         let pseudonym_key = config.exchange_pseudonym.map(Arc::new);
         let store = Store::new(db.clone(), Sealer::new(Arc::new(config.field_cipher)))
-            .with_pseudonym_key(pseudonym_key.clone());
+            .with_pseudonym_key(pseudonym_key.clone())
+            .with_relay(relay.clone());
         let backfill = tokio::spawn(backfill_pseudonyms(store.clone()));
         let identity = Identity::new(
             store,
-            cache,
+            backends.cache,
             providers,
             Arc::new(config.blind_index),
             Arc::new(config.signing_key),
@@ -111,6 +117,7 @@ impl Application {
             server,
             db,
             backfill,
+            relay: relay.spawn(),
         })
     }
 
@@ -127,8 +134,11 @@ impl Application {
     pub async fn shutdown(self) {
         self.backfill.abort();
         self.server.shutdown().await;
+        self.relay.shutdown().await;
         if let Err(err) = self.db.close().await {
             tracing::warn!(error = %err, "closing the database pool");
         }
     }
 }
+
+healthcode_server::process!(Application);

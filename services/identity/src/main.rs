@@ -5,23 +5,10 @@ use identity::config::{IdentityConfig, ProviderChoice};
 use identity::providers::Providers;
 
 fn main() {
-    let env = Env::from_process();
-    let config = IdentityConfig::from_env(&env).unwrap_or_else(|e| exit_on_config_error(&e));
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("cannot start the runtime: {err}");
-            std::process::exit(1);
-        }
-    };
-    let code = runtime.block_on(async move {
-        let _telemetry = match healthcode_telemetry::init(&config.telemetry) {
-            Ok(guard) => guard,
-            Err(err) => {
-                eprintln!("telemetry: {err}");
-                return 1;
-            }
-        };
+    let config =
+        IdentityConfig::from_env(&Env::from_process()).unwrap_or_else(|e| exit_on_config_error(&e));
+    let telemetry = config.telemetry.clone();
+    healthcode_server::run_process("identity", &telemetry, async move {
         let providers = match config.providers {
             ProviderChoice::Local => {
                 tracing::warn!(
@@ -30,17 +17,12 @@ fn main() {
                 Providers::local().0
             }
         };
-        let app = match identity::Application::build(config, providers).await {
-            Ok(app) => app,
-            Err(err) => {
-                tracing::error!(error = %err, "identity failed to start");
-                return 1;
-            }
-        };
-        tracing::info!(addr = %app.local_addr(), "identity ready");
-        healthcode_server::shutdown_signal().await;
-        app.shutdown().await;
-        0
-    });
-    std::process::exit(code);
+        let backends =
+            healthcode_events::Backends::connect(config.redis.as_ref(), &config.cache_prefix)
+                .await
+                .map_err(|e| format!("cache or event bus unavailable: {e}"))?;
+        identity::Application::build(config, backends, providers)
+            .await
+            .map_err(|e| e.to_string())
+    })
 }

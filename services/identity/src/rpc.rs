@@ -639,7 +639,7 @@ impl IdentityService for IdentityRpc {
         &self,
         request: Request<pb::GetExchangePseudonymsRequest>,
     ) -> RpcResult<pb::GetExchangePseudonymsResponse> {
-        self.caller(&request, &[roles::INTERNAL])?;
+        self.caller(&request, &[roles::EXCHANGE])?;
         let persons = &request.get_ref().persons;
         let mut v = Violations::new();
         if persons.is_empty() || persons.len() > MAX_PSEUDONYM_BATCH {
@@ -685,7 +685,7 @@ impl IdentityService for IdentityRpc {
         &self,
         request: Request<pb::ResolveExchangePseudonymsRequest>,
     ) -> RpcResult<pb::ResolveExchangePseudonymsResponse> {
-        self.caller(&request, &[roles::INTERNAL])?;
+        self.caller(&request, &[roles::EXCHANGE])?;
         let r = request.get_ref();
         let mut v = Violations::new();
         if r.pseudonyms.is_empty() || r.pseudonyms.len() > MAX_PSEUDONYM_BATCH {

@@ -269,3 +269,5 @@ where
         }
     })
 }
+
+healthcode_server::process!(Application);

@@ -260,12 +260,9 @@ fn roles_for(e: &pb::RiskEvent) -> &'static [&'static str] {
     match &e.event {
         Some(EventKind::Contact(_)) => &[roles::OFFICIAL, roles::INTERNAL],
         Some(EventKind::AreaStay(_)) => &[roles::INTERNAL, roles::APP],
-        Some(
-            EventKind::TestResult(_)
-            | EventKind::VaccinationDose(_)
-            | EventKind::OtherProvinceDecision(_),
-        )
-        | None => &[roles::INTERNAL],
+        Some(EventKind::TestResult(_) | EventKind::VaccinationDose(_)) | None => &[roles::INTERNAL],
+        // Only the exchange has verified another province's signature.
+        Some(EventKind::OtherProvinceDecision(_)) => &[roles::EXCHANGE],
     }
 }
 

@@ -164,3 +164,5 @@ impl Application {
         }
     }
 }
+
+healthcode_server::process!(Application);

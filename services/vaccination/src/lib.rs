@@ -125,3 +125,5 @@ impl Application {
         }
     }
 }
+
+healthcode_server::process!(Application);

@@ -48,6 +48,9 @@ pub mod roles {
     pub const VACCINATION_SITE: &str = "vaccination_site";
     /// Manages the exchange's partner registry.
     pub const EXCHANGE_ADMIN: &str = "exchange_admin";
+    /// The exchange service itself: resolves exchange pseudonyms and records other
+    /// provinces' decisions, which no other caller may.
+    pub const EXCHANGE: &str = "exchange";
     pub const ALL: &[&str] = &[
         APP,
         OFFICIAL,
@@ -66,6 +69,7 @@ pub mod roles {
         PAYMENT_PROVIDER,
         VACCINATION_SITE,
         EXCHANGE_ADMIN,
+        EXCHANGE,
     ];
 }
 

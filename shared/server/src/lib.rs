@@ -199,6 +199,66 @@ pub async fn start_tls(
     })
 }
 
+/// What a service's process runs: its address, and a graceful shutdown.
+pub trait Process {
+    fn local_addr(&self) -> SocketAddr;
+    fn shutdown(self) -> impl Future<Output = ()>;
+}
+
+/// Implements [`Process`] for a service's `Application` from its own `local_addr` and
+/// `shutdown`.
+#[macro_export]
+macro_rules! process {
+    ($app:ty) => {
+        impl $crate::Process for $app {
+            fn local_addr(&self) -> ::std::net::SocketAddr {
+                <$app>::local_addr(self)
+            }
+            async fn shutdown(self) {
+                <$app>::shutdown(self).await
+            }
+        }
+    };
+}
+
+/// Runs one service as its own process (one Deployment in Kubernetes): a multi-threaded
+/// runtime, telemetry, then `start`; serves until SIGTERM or Ctrl-C, then shuts down
+/// gracefully and exits 0. Exits 1 when anything fails to start.
+pub fn run_process<A: Process>(
+    name: &str,
+    telemetry: &healthcode_telemetry::TelemetryConfig,
+    start: impl Future<Output = Result<A, String>>,
+) -> ! {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let _telemetry = match healthcode_telemetry::init(telemetry) {
+            Ok(guard) => guard,
+            Err(err) => {
+                eprintln!("telemetry: {err}");
+                return 1;
+            }
+        };
+        let app = match start.await {
+            Ok(app) => app,
+            Err(err) => {
+                tracing::error!(error = %err, service = name, "failed to start");
+                return 1;
+            }
+        };
+        tracing::info!(addr = %app.local_addr(), service = name, "ready");
+        shutdown_signal().await;
+        app.shutdown().await;
+        0
+    });
+    std::process::exit(code);
+}
+
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

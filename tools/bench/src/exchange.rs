@@ -7,6 +7,9 @@
 //!   identity, merged by B's risk service, color cache, gateway), beside the same change
 //!   shown by A's own gateway (everything but the crossing); and the same up to each
 //!   province's exchange (B's merged color, A's own record);
+//! - the same propagation to B again while a third partner of A holds its two streams open
+//!   and reads nothing (A having issued enough records to fill their buffers and HTTP/2
+//!   windows): a slow partner must not slow the others;
 //! - records per second from one partner: PublishRecords batches of signed records,
 //!   checked (SM2) and stored in sequence, beside bare SM2 verification (one per record).
 
@@ -15,11 +18,13 @@ use crate::load::{Recorder, Stats};
 use crate::report::{Compared, Row, comparison};
 use healthcode_auth::roles;
 use healthcode_crypto::SigningKey;
-use healthcode_proto::common::v1::{CodeColor, PersonRef, PublicKey, ReasonCode, SignedEnvelope};
+use healthcode_proto::common::v1::{CodeColor, PersonRef, ReasonCode, SignedEnvelope};
 use healthcode_proto::exchange::v1 as pb;
 use healthcode_proto::risk::v1 as rk;
 use integration_tests::authorized;
-use integration_tests::exchange::{Province, THIRD, linked_pair};
+use integration_tests::exchange::{
+    Province, THIRD, issue_alternating, linked_pair, public_key_of, register_province,
+};
 use std::time::{Duration, Instant};
 
 pub struct ExchangeRun {
@@ -29,6 +34,8 @@ pub struct ExchangeRun {
     pub records: usize,
     /// Records per PublishRecords call.
     pub batch: usize,
+    /// Records A issues while a partner's streams read nothing (to fill their buffers).
+    pub stall_records: u64,
     pub threads: usize,
     pub warmup: Duration,
     pub duration: Duration,
@@ -92,44 +99,7 @@ pub async fn run(cfg: ExchangeRun) -> anyhow::Result<Compared> {
     }
 
     eprintln!("hc-bench: propagation latency");
-    // A's exchange, B's exchange, A's gateway, B's gateway.
-    let mut recorders: [Recorder; 4] = std::array::from_fn(|_| Recorder::new());
-    let started = Instant::now();
-    for (ia, ib) in &persons {
-        if let Err(e) = close_contact(&a, ia).await {
-            for r in &mut recorders {
-                r.record_error(e.clone());
-            }
-            continue;
-        }
-        let t0 = Instant::now();
-        let mut seen: [Option<Duration>; 4] = [None; 4];
-        while seen.iter().any(Option::is_none) && t0.elapsed() < Duration::from_secs(30) {
-            for (i, slot) in seen.iter_mut().enumerate() {
-                if slot.is_some() {
-                    continue;
-                }
-                let red = match i {
-                    0 => red(&a, ia).await,
-                    1 => red(&b, ib).await,
-                    2 => a.shows(ia).await == CodeColor::Red as i32,
-                    _ => b.shows(ib).await == CodeColor::Red as i32,
-                };
-                if red {
-                    *slot = Some(t0.elapsed());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        for (recorder, seen) in recorders.iter_mut().zip(seen) {
-            match seen {
-                Some(latency) => recorder.record(latency, Ok(1)),
-                None => recorder.record_error("not visible within 30 s"),
-            }
-        }
-    }
-    let elapsed = started.elapsed();
-    let [local, remote, local_gateway, remote_gateway] = recorders.map(|r| r.into_stats(elapsed));
+    let [local, remote, local_gateway, remote_gateway] = propagation(&a, &b, &persons).await;
     for (name, stats) in [
         (
             "color change shown by A's own gateway (baseline: no crossing)",
@@ -146,6 +116,43 @@ pub async fn run(cfg: ExchangeRun) -> anyhow::Result<Compared> {
         (
             "color change in A visible in B's merged color (over mutual TLS)",
             &remote,
+        ),
+    ] {
+        rows.push(Row::closed(name, "changes", 1, stats.clone()));
+    }
+
+    eprintln!("hc-bench: propagation beside a partner that reads nothing");
+    let stalled = stall_a_partner(&a, cfg.stall_records).await?;
+    // B follows every one of those records first: the figures below are not B catching up.
+    let latest = a
+        .mesh
+        .exchange
+        .service()
+        .latest_sequence()
+        .await
+        .map_err(|e| anyhow::anyhow!("latest: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while b.status(&a.code).await.inbound_sequence < latest {
+        anyhow::ensure!(Instant::now() < deadline, "B did not catch up with A");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut more = Vec::new();
+    for n in 0..cfg.samples {
+        more.push((
+            a.mesh.verified_person(8_000 + n).await,
+            b.mesh.verified_person(8_000 + n).await,
+        ));
+    }
+    let [_, remote_stalled, _, remote_gateway_stalled] = propagation(&a, &b, &more).await;
+    drop(stalled);
+    for (name, stats) in [
+        (
+            "color change in A shown by B's gateway, beside a partner of A reading nothing",
+            &remote_gateway_stalled,
+        ),
+        (
+            "color change in A visible in B's merged color, beside a partner of A reading nothing",
+            &remote_stalled,
         ),
     ] {
         rows.push(Row::closed(name, "changes", 1, stats.clone()));
@@ -199,6 +206,24 @@ pub async fn run(cfg: ExchangeRun) -> anyhow::Result<Compared> {
             ),
         ),
         (
+            "propagation to B's gateway p50: beside a stalled partner over alone".to_owned(),
+            ms(remote_gateway_stalled.p50) / ms(remote_gateway.p50).max(0.001),
+            format!(
+                "{:.1} ms vs {:.1} ms",
+                ms(remote_gateway_stalled.p50),
+                ms(remote_gateway.p50)
+            ),
+        ),
+        (
+            "propagation to B's gateway p99: beside a stalled partner over alone".to_owned(),
+            ms(remote_gateway_stalled.p99) / ms(remote_gateway.p99).max(0.001),
+            format!(
+                "{:.1} ms vs {:.1} ms",
+                ms(remote_gateway_stalled.p99),
+                ms(remote_gateway.p99)
+            ),
+        ),
+        (
             "propagation p50: B over A's own".to_owned(),
             ms(remote.p50) / ms(local.p50).max(0.001),
             format!("{:.1} ms vs {:.1} ms", ms(remote.p50), ms(local.p50)),
@@ -210,6 +235,90 @@ pub async fn run(cfg: ExchangeRun) -> anyhow::Result<Compared> {
         ),
     ];
     Ok(Compared { rows, comparisons })
+}
+
+/// Times each person's color change in A (a close contact) until it is visible in A's
+/// exchange, B's merged color, A's gateway and B's gateway, in that order of the result.
+async fn propagation(a: &Province, b: &Province, persons: &[(String, String)]) -> [Stats; 4] {
+    let mut recorders: [Recorder; 4] = std::array::from_fn(|_| Recorder::new());
+    let started = Instant::now();
+    for (ia, ib) in persons {
+        if let Err(e) = close_contact(a, ia).await {
+            for r in &mut recorders {
+                r.record_error(e.clone());
+            }
+            continue;
+        }
+        let t0 = Instant::now();
+        let mut seen: [Option<Duration>; 4] = [None; 4];
+        while seen.iter().any(Option::is_none) && t0.elapsed() < Duration::from_secs(30) {
+            for (i, slot) in seen.iter_mut().enumerate() {
+                if slot.is_some() {
+                    continue;
+                }
+                let red = match i {
+                    0 => red(a, ia).await,
+                    1 => red(b, ib).await,
+                    2 => a.shows(ia).await == CodeColor::Red as i32,
+                    _ => b.shows(ib).await == CodeColor::Red as i32,
+                };
+                if red {
+                    *slot = Some(t0.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for (recorder, seen) in recorders.iter_mut().zip(seen) {
+            match seen {
+                Some(latency) => recorder.record(latency, Ok(1)),
+                None => recorder.record_error("not visible within 30 s"),
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    recorders.map(|r| r.into_stats(elapsed))
+}
+
+/// Registers a third province as a real-time partner of `a`, opens its two streams (its
+/// limit) over mutual TLS and never reads them, then has `a` issue `records` records (one
+/// person's alternating colors, issued directly), more than the streams' buffers and HTTP/2
+/// windows hold, so that both stall. Returns the streams: the stall lasts while they are
+/// held. B follows all of them and is waited for.
+async fn stall_a_partner(
+    a: &Province,
+    records: u64,
+) -> anyhow::Result<Vec<tonic::Streaming<pb::SubscribeResponse>>> {
+    let key = SigningKey::generate(format!("exchange-{THIRD}-stalled"))?;
+    register_province(
+        &a.mesh,
+        THIRD,
+        pb::SyncMode::RealTime,
+        &a.issued_to(THIRD).certificate_pem,
+        &key,
+    )
+    .await?;
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut client = a.partner_client(a.issued_to(THIRD)).await;
+        streams.push(
+            client
+                .subscribe(pb::SubscribeRequest {
+                    cursor: String::new(),
+                })
+                .await?
+                .into_inner(),
+        );
+    }
+    let filler = a.mesh.verified_person(9_999).await;
+    issue_alternating(
+        a.mesh.exchange.service(),
+        &filler,
+        records,
+        [CodeColor::Yellow, CodeColor::Green],
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("issue: {e}"))?;
+    Ok(streams)
 }
 
 /// Registers a fresh partner (a third province) in `at`, then publishes `records` records
@@ -231,33 +340,21 @@ async fn publish_rate(at: &Province, records: usize, batch: usize) -> anyhow::Re
         ))
         .await;
     if existing.is_err() {
-        admin
-            .register_partner(authorized(
-                pb::RegisterPartnerRequest {
-                    request_id: uuid::Uuid::new_v4().to_string(),
-                    partner: Some(pb::Partner {
-                        partner_id: partner_id.into(),
-                        kind: pb::PartnerKind::Province as i32,
-                        name: "bench partner".into(),
-                        sync_mode: pb::SyncMode::Manual as i32,
-                        keys: vec![pb::PartnerKey {
-                            key: Some(public_key(&key)),
-                            ..Default::default()
-                        }],
-                        tls_client_certificate_pem: at.issued_to(THIRD).certificate_pem.clone(),
-                        ..Default::default()
-                    }),
-                },
-                &at.admin(),
-            ))
-            .await?;
+        register_province(
+            &at.mesh,
+            partner_id,
+            pb::SyncMode::Manual,
+            &at.issued_to(THIRD).certificate_pem,
+            &key,
+        )
+        .await?;
     } else {
         admin
             .add_partner_key(authorized(
                 pb::AddPartnerKeyRequest {
                     request_id: uuid::Uuid::new_v4().to_string(),
                     partner_id: partner_id.into(),
-                    key: Some(public_key(&key)),
+                    key: Some(public_key_of(&key)),
                 },
                 &at.admin(),
             ))
@@ -304,13 +401,4 @@ async fn publish_rate(at: &Province, records: usize, batch: usize) -> anyhow::Re
         recorder.record(t.elapsed(), outcome);
     }
     Ok(recorder.into_stats(started.elapsed()))
-}
-
-fn public_key(key: &SigningKey) -> PublicKey {
-    PublicKey {
-        key_id: key.key_id().into(),
-        algorithm: "SM2".into(),
-        public_key_sec1: key.verifying_key().sec1_bytes(),
-        ..Default::default()
-    }
 }

@@ -42,8 +42,9 @@ enum Scenario {
     /// (ES256) certificates issued and verified, beside the echo and bare SM2 and P-256.
     Vaccination(VaccinationArgs),
     /// The exchange between two provinces linked over mutual TLS: propagation latency of a
-    /// color change (beside its visibility in the deciding province), and records per second
-    /// from one partner (beside bare SM2 verification).
+    /// color change (beside its visibility in the deciding province, and again beside a
+    /// partner that reads nothing), and records per second from one partner (beside bare SM2
+    /// verification).
     Exchange(ExchangeArgs),
 }
 
@@ -60,6 +61,9 @@ struct ExchangeArgs {
     /// Records per PublishRecords call.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch: u64,
+    /// Records A issues while a partner of A reads nothing (enough to fill its buffers).
+    #[arg(long, default_value_t = 4000)]
+    stall_records: u64,
 }
 
 #[derive(Debug, Args)]
@@ -307,6 +311,7 @@ async fn run_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
         samples: args.samples.max(1),
         records: args.records.max(1),
         batch: args.batch as usize,
+        stall_records: args.stall_records,
         threads: info.cpus.max(1),
         warmup: run.warmup(),
         duration: run.duration(),

@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261121_000001_identity::Migration),
             Box::new(m20261121_000300_exchange_pseudonyms::Migration),
+            Box::new(healthcode_events::outbox::migration::CreateOutbox),
         ]
     }
 }

@@ -9,6 +9,9 @@ use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use entities::{exchange_pseudonym, person, phone_challenge, review, sms_send, step};
 use healthcode_crypto::{FieldCipher, PseudonymKey};
+use healthcode_proto::common::v1::PersonRef;
+use healthcode_proto::identity::v1::ExchangePseudonym;
+use prost::Message;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
@@ -166,7 +169,13 @@ pub struct Store {
     pseudonyms: Option<Arc<PseudonymKey>>,
     /// Set once every person registered before start has a pseudonym under the key.
     backfilled: Arc<std::sync::atomic::AtomicBool>,
+    /// Publishes the outbox; woken after a registration commits.
+    relay: Option<healthcode_events::Relay>,
 }
+
+/// The topic on which each registration publishes the new person's exchange pseudonym
+/// (payload `ExchangePseudonym`), so that records held before they registered reach them.
+pub const PSEUDONYM_TOPIC: &str = "identity.pseudonym_registered";
 
 impl Store {
     pub fn new(db: DatabaseConnection, sealer: Sealer) -> Self {
@@ -175,7 +184,14 @@ impl Store {
             sealer,
             pseudonyms: None,
             backfilled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            relay: None,
         }
+    }
+
+    /// Wakes `relay` after each registration that published something.
+    pub fn with_relay(mut self, relay: healthcode_events::Relay) -> Self {
+        self.relay = Some(relay);
+        self
     }
 
     /// Whether pseudonyms can be resolved completely (the start-up backfill is done).
@@ -198,13 +214,13 @@ impl Store {
         &self,
         person_id: &str,
         document: &Document,
-    ) -> Option<exchange_pseudonym::ActiveModel> {
+    ) -> Option<exchange_pseudonym::Model> {
         self.pseudonyms
             .as_ref()
-            .map(|key| exchange_pseudonym::ActiveModel {
-                key_id: Set(key.key_id().to_owned()),
-                pseudonym: Set(key.pseudonym(document.kind().code(), document.number())),
-                person_id: Set(person_id.to_owned()),
+            .map(|key| exchange_pseudonym::Model {
+                key_id: key.key_id().to_owned(),
+                pseudonym: key.pseudonym(document.kind().code(), document.number()),
+                person_id: person_id.to_owned(),
             })
     }
 
@@ -237,7 +253,10 @@ impl Store {
         let mut unreadable = 0;
         for row in rows {
             match self.open_person(row) {
-                Ok(person) => out.extend(self.pseudonym_row(&person.id, &person.document)),
+                Ok(person) => out.extend(
+                    self.pseudonym_row(&person.id, &person.document)
+                        .map(exchange_pseudonym::ActiveModel::from),
+                ),
                 Err(_) => unreadable += 1,
             }
         }
@@ -340,9 +359,19 @@ impl Store {
             }
         }));
         steps.exec(&txn).await?;
-        if let Some(row) = self.pseudonym_row(&id, &new.document) {
-            exchange_pseudonym::Entity::insert(row)
+        let published = self.pseudonym_row(&id, &new.document);
+        if let Some(row) = &published {
+            exchange_pseudonym::Entity::insert(exchange_pseudonym::ActiveModel::from(row.clone()))
                 .exec_without_returning(&txn)
+                .await?;
+            let event = ExchangePseudonym {
+                person: Some(PersonRef {
+                    person_id: id.clone(),
+                }),
+                pseudonym: row.pseudonym.clone(),
+                pseudonym_key_id: row.key_id.clone(),
+            };
+            healthcode_events::outbox::enqueue(&txn, PSEUDONYM_TOPIC, &id, event.encode_to_vec())
                 .await?;
         }
         if let Some(r) = new.review {
@@ -350,6 +379,11 @@ impl Store {
                 .await?;
         }
         txn.commit().await?;
+        if published.is_some()
+            && let Some(relay) = &self.relay
+        {
+            relay.wake();
+        }
         Ok(Inserted::Created)
     }
 

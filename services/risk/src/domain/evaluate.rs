@@ -73,7 +73,7 @@ pub fn evaluate(policy: &Policy, facts: &Facts, now: Time) -> Evaluation {
     let mut foreign: Vec<&ForeignDecision> = facts
         .foreign
         .iter()
-        .filter(|f| rank(f.color) > rank(CodeColor::Green))
+        .filter(|f| !f.withdrawn && rank(f.color) > rank(CodeColor::Green))
         .filter(|f| f.valid_until.is_none_or(|until| until > now))
         .collect();
     if foreign.is_empty() {

@@ -79,6 +79,18 @@ pub struct ForeignDecision {
     pub reason_codes: Vec<i32>,
     pub decided_at: Time,
     pub valid_until: Option<Time>,
+    /// Withdrawn: the key that signed it was distrusted; it counts for nothing.
+    pub withdrawn: bool,
+}
+
+/// Each province's latest decision: the highest sequence, and of one sequence the
+/// withdrawal, which replaces the decision it withdraws.
+pub fn latest_per_province(mut decisions: Vec<ForeignDecision>) -> Vec<ForeignDecision> {
+    decisions.sort_by(|a, b| {
+        (&a.province, b.sequence, b.withdrawn).cmp(&(&b.province, a.sequence, a.withdrawn))
+    });
+    decisions.dedup_by(|later, kept| later.province == kept.province);
+    decisions
 }
 
 /// Everything known about one person that a policy may read.

@@ -5,7 +5,7 @@ pub mod entities;
 use crate::domain::areas::overlaps;
 use crate::domain::facts::{
     AreaStay, Contact, Directive, Dose, Facts, ForeignDecision, NationalCheck, Override,
-    TestResult, color_of,
+    TestResult, color_of, latest_per_province,
 };
 use crate::domain::time::{Time, from_proto};
 use entities::*;
@@ -212,6 +212,7 @@ pub async fn load_facts<C: ConnectionTrait>(
                         reason_codes: d.reason_codes.clone(),
                         decided_at,
                         valid_until: d.valid_until.as_ref().and_then(from_proto),
+                        withdrawn: d.withdrawn,
                     });
                 }
             }
@@ -219,12 +220,7 @@ pub async fn load_facts<C: ConnectionTrait>(
         }
     }
     // Each province's latest record replaces its earlier ones.
-    facts
-        .foreign
-        .sort_by(|a, b| (&a.province, b.sequence).cmp(&(&b.province, a.sequence)));
-    facts
-        .foreign
-        .dedup_by(|later, kept| later.province == kept.province);
+    facts.foreign = latest_per_province(std::mem::take(&mut facts.foreign));
     if let Some(cleared) = stays_cleared_at(db, person_id).await? {
         facts.stays.retain(|s| s.known_at > cleared);
     }

@@ -1,5 +1,7 @@
 use super::*;
-use crate::domain::facts::{AreaStay, Contact, Directive, NationalCheck, Override};
+use crate::domain::facts::{
+    AreaStay, Contact, Directive, NationalCheck, Override, latest_per_province,
+};
 use crate::domain::policy::{default_policy, validate};
 use chrono::{Duration, TimeZone, Utc};
 use healthcode_errors::Violations;
@@ -324,7 +326,46 @@ fn foreign(province: &str, sequence: u64, color: CodeColor, hours: i64) -> Forei
         reason_codes: vec![ReasonCode::CloseContact as i32],
         decided_at: t0() - Duration::hours(1),
         valid_until: Some(t0() + Duration::hours(hours)),
+        withdrawn: false,
     }
+}
+
+#[test]
+fn a_withdrawal_replaces_the_decision_of_its_sequence_until_the_next_record() {
+    let withdrawn = ForeignDecision {
+        withdrawn: true,
+        ..foreign("310000", 3, CodeColor::Red, 24)
+    };
+    // In either order, the withdrawal of sequence 3 is what counts of 310000.
+    for held in [
+        vec![foreign("310000", 3, CodeColor::Red, 24), withdrawn.clone()],
+        vec![withdrawn.clone(), foreign("310000", 3, CodeColor::Red, 24)],
+    ] {
+        let mut held = held;
+        held.push(foreign("310000", 2, CodeColor::Yellow, 24));
+        held.push(foreign("320000", 1, CodeColor::Yellow, 24));
+        let latest = latest_per_province(held);
+        assert_eq!(latest.len(), 2);
+        assert!(latest[0].withdrawn && latest[0].sequence == 3);
+        let facts = Facts {
+            foreign: latest,
+            ..Facts::default()
+        };
+        let e = evaluate(&policy(), &facts, t0());
+        assert_eq!(e.color, CodeColor::Yellow, "only 320000's decision counts");
+        assert_eq!(e.reasons.len(), 1);
+        assert_eq!(e.reasons[0].params["province_code"], "320000");
+    }
+    // Nothing else held: the withdrawn red is not shown at all.
+    let facts = Facts {
+        foreign: vec![withdrawn.clone()],
+        ..Facts::default()
+    };
+    let e = evaluate(&policy(), &facts, t0());
+    assert_eq!((e.color, e.local), (CodeColor::Green, None));
+    // The province's next record counts again.
+    let latest = latest_per_province(vec![withdrawn, foreign("310000", 4, CodeColor::Red, 24)]);
+    assert_eq!((latest[0].sequence, latest[0].withdrawn), (4, false));
 }
 
 #[test]

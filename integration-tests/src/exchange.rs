@@ -220,7 +220,9 @@ pub async fn linked_pair(a: &str, b: &str) -> (Province, Province) {
     };
     let (dir_a, listener_a, outbound_a) = start(a, &pki_a, b, &pki_b);
     let (dir_b, listener_b, outbound_b) = start(b, &pki_b, a, &pki_a);
-    let mesh = |code: String, listener: PathBuf, outbound: PathBuf| {
+    // Each province stands in for the national platform in the other's double
+    // confirmation.
+    let mesh = |code: String, listener: PathBuf, outbound: PathBuf, other: String| {
         let key = pseudonym_key.clone();
         async move {
             let listener = listener.display().to_string();
@@ -234,6 +236,7 @@ pub async fn linked_pair(a: &str, b: &str) -> (Province, Province) {
                     ("PARTNER_LISTEN_ADDR", "127.0.0.1:0"),
                     ("OUTBOUND_TLS_DIR", outbound.as_str()),
                     ("EXCHANGE_PSEUDONYM_KEY", key.as_str()),
+                    ("NATIONAL_CHECK_PARTNERS", other.as_str()),
                 ],
             )
             .await
@@ -241,13 +244,13 @@ pub async fn linked_pair(a: &str, b: &str) -> (Province, Province) {
     };
     let pa = Province {
         code: a.to_owned(),
-        mesh: mesh(a.to_owned(), listener_a, outbound_a).await,
+        mesh: mesh(a.to_owned(), listener_a, outbound_a, b.to_owned()).await,
         pki: pki_a,
         dir: dir_a,
     };
     let pb_ = Province {
         code: b.to_owned(),
-        mesh: mesh(b.to_owned(), listener_b, outbound_b).await,
+        mesh: mesh(b.to_owned(), listener_b, outbound_b, a.to_owned()).await,
         pki: pki_b,
         dir: dir_b,
     };

@@ -243,6 +243,69 @@ async fn two_provinces_share_colors_over_mutual_tls() {
         "a person registered after A's record arrived is shown A's red"
     );
 
+    // Double confirmation across the border: B's official puts a person A already turned
+    // red under home quarantine; the directive waits for the national check, which B's
+    // exchange asks of A at once (NATIONAL_CHECK_PARTNERS), and A's red confirms it: B's
+    // own decision turns red too.
+    let checked_in_a = a.mesh.verified_person(601).await;
+    contact(&a.mesh, &checked_in_a, rk::ContactKind::Close).await;
+    let checked_in_a = &checked_in_a;
+    assert!(
+        eventually(WAIT, || async move {
+            pa.merged(checked_in_a).await.color == CodeColor::Red as i32
+        })
+        .await
+    );
+    let checked = b.mesh.verified_person(601).await;
+    let issued = b
+        .mesh
+        .risk_client()
+        .await
+        .issue_directive(authorized(
+            rk::IssueDirectiveRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                persons: person(&checked).into_iter().collect(),
+                kind: rk::DirectiveKind::HomeQuarantine as i32,
+                starts_at: None,
+                ends_at: Some(prost_types::Timestamp {
+                    seconds: chrono::Utc::now().timestamp() + 14 * 86_400,
+                    nanos: 0,
+                }),
+                document_reference: "沪疾控〔2026〕7 号".into(),
+                issuing_unit: "上海市疾控中心".into(),
+            },
+            &b.mesh.keys.token("cdc-officer-1", &[roles::OFFICIAL]),
+        ))
+        .await
+        .expect("directive")
+        .into_inner();
+    assert_eq!(
+        issued.directives[0].state,
+        rk::DirectiveState::PendingConfirmation as i32
+    );
+    let checked = &checked;
+    let confirmed = eventually(WAIT, || async move {
+        let c = pb_
+            .mesh
+            .risk_client()
+            .await
+            .get_color(authorized(
+                rk::GetColorRequest {
+                    person: person(checked),
+                },
+                &pb_.internal(),
+            ))
+            .await
+            .expect("B's color")
+            .into_inner();
+        c.local.map_or(c.color, |l| l.color) == CodeColor::Red as i32
+    })
+    .await;
+    assert!(
+        confirmed,
+        "A's answer to B's national check confirms B's directive"
+    );
+
     // 2. The link is cut (B suspends A), A decides more, the link is restored: B catches
     // up with every record, each once, byte for byte.
     assert!(caught_up(&b, &a).await);

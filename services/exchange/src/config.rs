@@ -63,6 +63,11 @@ pub struct ExchangeConfig {
     pub max_streams_per_partner: usize,
     /// `PARTNER_MAX_CALLS`: unary calls in flight per partner.
     pub max_calls_per_partner: usize,
+    /// `NATIONAL_CHECK_PARTNERS`: comma-separated partner ids asked at once for each
+    /// directive risk holds pending for the national check (e.g. `national`); unset or
+    /// empty = not asked automatically (an operator calls `NationalCheck`). Needs
+    /// `RISK_URL`.
+    pub national_check_partners: Vec<String>,
 }
 
 fn read(dir: &Path, name: &str, var: &str) -> Result<String, ConfigError> {
@@ -150,6 +155,32 @@ impl ExchangeConfig {
                 );
             }
         }
+        let national_check_partners: Vec<String> = env
+            .or("NATIONAL_CHECK_PARTNERS", String::new())?
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if national_check_partners.len() > crate::sync::MAX_CHECKED_PARTNERS
+            || national_check_partners.iter().any(|p| {
+                p.len() > 64
+                    || !p
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
+            })
+        {
+            return Err(ConfigError::invalid(
+                "NATIONAL_CHECK_PARTNERS",
+                "at most 16 partner ids (digits, lower-case letters, '-'), comma-separated",
+            ));
+        }
+        if !national_check_partners.is_empty() && risk_url.is_none() {
+            return Err(ConfigError::invalid(
+                "NATIONAL_CHECK_PARTNERS",
+                "needs RISK_URL: the answers are recorded in risk",
+            ));
+        }
         let positive = |name: &str, value: u64| {
             if value == 0 {
                 Err(ConfigError::invalid(name, "must be at least 1"))
@@ -193,6 +224,7 @@ impl ExchangeConfig {
                 "PARTNER_MAX_CALLS",
                 env.or("PARTNER_MAX_CALLS", 16u64)?,
             )? as usize,
+            national_check_partners,
         })
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod arrival;
 pub mod config;
+pub mod confirm;
 pub mod received;
 pub mod records;
 pub mod rpc;
@@ -93,6 +94,8 @@ pub struct Application {
     consumer: ConsumerHandle,
     /// Applies received records (and held ones to persons who register later).
     apply: Option<[ConsumerHandle; 2]>,
+    /// Asks the national check of directives risk holds pending.
+    confirm: Option<ConsumerHandle>,
     relay: RelayHandle,
     sync: SyncHandle,
 }
@@ -160,6 +163,21 @@ impl Application {
             config.upstream_timeout,
             config.heartbeat,
         ));
+        let confirm = (!config.national_check_partners.is_empty()).then(|| {
+            Consumer::new(
+                backends.bus.clone(),
+                ConsumerSettings::new(
+                    confirm::CONFIRMATION_TOPIC,
+                    confirm::CONFIRM_GROUP,
+                    &config.consumer_name,
+                ),
+                Arc::new(confirm::AskNationalCheck {
+                    sync: sync.clone(),
+                    partners: config.national_check_partners.clone(),
+                }),
+            )
+            .spawn()
+        });
         let rpc = Arc::new(ExchangeRpc::new(
             service.clone(),
             sync.clone(),
@@ -218,6 +236,7 @@ impl Application {
             service,
             consumer,
             apply,
+            confirm,
             relay: relay.spawn(),
             sync: sync.spawn(),
         })
@@ -250,8 +269,8 @@ impl Application {
         self.server.shutdown().await;
         self.sync.shutdown().await;
         self.consumer.shutdown().await;
-        for apply in self.apply.into_iter().flatten() {
-            apply.shutdown().await;
+        for consumer in self.apply.into_iter().flatten().chain(self.confirm) {
+            consumer.shutdown().await;
         }
         self.relay.shutdown().await;
         if let Err(err) = self.db.close().await {

@@ -5,7 +5,7 @@ use crate::domain::evaluate::directive_color;
 use crate::domain::facts::{color_of, rank};
 use crate::domain::policy::pending_timeout;
 use crate::domain::time::{Time, from_proto, to_proto};
-use crate::service::{Actor, Applied, Cause, Outcome, Risk, db_error};
+use crate::service::{Actor, Applied, CONFIRMATION_TOPIC, Cause, Outcome, Risk, db_error};
 use crate::store::entities::*;
 use crate::store::{self, KIND_STAY, lock_key};
 use healthcode_errors::ServiceError;
@@ -729,6 +729,22 @@ impl Risk {
                 if let Some(held) = &applied.held {
                     let ids = directives.iter().map(|d| d.directive_id.clone()).collect();
                     hold_rows(txn, HeldRows::Directives(ids), &held.bulk_change_id).await?;
+                } else {
+                    // The other input of double confirmation is asked for at once (the
+                    // exchange's national check), through the outbox: never lost.
+                    let pending: Vec<(String, Vec<u8>)> = directives
+                        .iter()
+                        .filter(|d| d.state == DirectiveState::PendingConfirmation as i32)
+                        .filter_map(|d| {
+                            let person = d.person.as_ref()?.person_id.clone();
+                            Some((person, d.encode_to_vec()))
+                        })
+                        .collect();
+                    if !pending.is_empty() {
+                        healthcode_events::outbox::enqueue_many(txn, CONFIRMATION_TOPIC, pending)
+                            .await
+                            .map_err(db_error)?;
+                    }
                 }
                 Ok(pb::IssueDirectiveResponse {
                     directives,

@@ -774,8 +774,9 @@ async fn two_provinces_share_colors_over_mutual_tls() {
         }
     };
     let ticket = uuid::Uuid::new_v4().to_string();
+    let asked = arrival("310101", 6, "", &ticket);
     let code = rail
-        .issue_arrival_code(arrival("310101", 6, "", &ticket))
+        .issue_arrival_code(asked.clone())
         .await
         .expect("arrival code")
         .into_inner();
@@ -797,11 +798,41 @@ async fn two_provinces_share_colors_over_mutual_tls() {
         claims
     );
     let retried = rail
-        .issue_arrival_code(arrival("310101", 6, "", &ticket))
+        .issue_arrival_code(asked.clone())
         .await
         .expect("retry")
         .into_inner();
     assert_eq!(retried, code, "a retried request gets the same code");
+    // Even once the arrival has passed: the retry still gets its code, while a new request
+    // for an arrival in the past is refused.
+    let soon = pb::IssueArrivalCodeRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        expected_arrival_at: Some(prost_types::Timestamp {
+            seconds: chrono::Utc::now().timestamp() + 2,
+            nanos: 0,
+        }),
+        ..asked.clone()
+    };
+    let first = rail
+        .issue_arrival_code(soon.clone())
+        .await
+        .expect("an arrival in two seconds")
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let again = rail
+        .issue_arrival_code(soon.clone())
+        .await
+        .expect("a retry after the arrival")
+        .into_inner();
+    assert_eq!(again, first, "a retry after the arrival gets the same code");
+    let past = rail
+        .issue_arrival_code(pb::IssueArrivalCodeRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            ..soon
+        })
+        .await
+        .expect_err("a new request for a past arrival");
+    assert_eq!(bad_fields(&past), ["expected_arrival_at"]);
     let elsewhere = rail
         .issue_arrival_code(arrival("330100", 6, "", &uuid::Uuid::new_v4().to_string()))
         .await

@@ -34,7 +34,36 @@ pub struct ArrivalRequest<'a> {
     pub expected_arrival_at: DateTime<Utc>,
 }
 
+/// Where the code issued for `request` is kept. It names what was asked as well: a request
+/// id reused for another traveller or trip is another code, never the first one.
+fn reply_key(request: &ArrivalRequest<'_>) -> String {
+    let asked = format!(
+        "{}|{}|{}|{}|{}|{}",
+        request.pseudonym,
+        request.destination,
+        request.mode,
+        request.trip_reference,
+        request.baggage_tag,
+        request.expected_arrival_at.timestamp()
+    );
+    format!(
+        "arrival:{}:{}:{}",
+        request.partner_id,
+        request.request_id,
+        hex::encode(&healthcode_crypto::sm3_digest(asked.as_bytes())[..8])
+    )
+}
+
 impl Exchange {
+    /// The code already issued for this very request, if any: a retry gets it again even
+    /// once the arrival has passed.
+    pub async fn issued_arrival_code(
+        &self,
+        request: &ArrivalRequest<'_>,
+    ) -> Result<Option<pb::ArrivalCode>, ServiceError> {
+        load(self.db(), &reply_key(request)).await.map_err(db_error)
+    }
+
     /// Issues (or, for a retried `request_id` of the same partner, returns again) the
     /// arrival code. FAILED_PRECONDITION `OUT_OF_PROVINCE` for a destination elsewhere,
     /// `NO_VALID_COLOR` when no province holds a valid color for the traveller (never read as
@@ -43,23 +72,7 @@ impl Exchange {
         &self,
         request: ArrivalRequest<'_>,
     ) -> Result<pb::ArrivalCode, ServiceError> {
-        // The key names what was asked as well: a request id reused for another traveller
-        // or trip is another code, never the first one.
-        let asked = format!(
-            "{}|{}|{}|{}|{}|{}",
-            request.pseudonym,
-            request.destination,
-            request.mode,
-            request.trip_reference,
-            request.baggage_tag,
-            request.expected_arrival_at.timestamp()
-        );
-        let reply_key = format!(
-            "arrival:{}:{}:{}",
-            request.partner_id,
-            request.request_id,
-            hex::encode(&healthcode_crypto::sm3_digest(asked.as_bytes())[..8])
-        );
+        let reply_key = reply_key(&request);
         if let Some(answer) = load(self.db(), &reply_key).await.map_err(db_error)? {
             return Ok(answer);
         }

@@ -285,6 +285,14 @@ fn review_id(v: &mut Violations, raw: &str) -> Option<i64> {
     )
 }
 
+/// FAILED_PRECONDITION: exchange pseudonyms need the national key.
+fn no_pseudonym_key() -> ServiceError {
+    ServiceError::precondition(
+        "PSEUDONYM_KEY_NOT_CONFIGURED",
+        "this deployment holds no national pseudonym key (EXCHANGE_PSEUDONYM_KEY)",
+    )
+}
+
 #[tonic::async_trait]
 impl IdentityService for IdentityRpc {
     async fn register_person(
@@ -652,11 +660,7 @@ impl IdentityService for IdentityRpc {
             .collect();
         v.finish()?;
         let Some(key) = &self.pseudonym_key else {
-            return Err(ServiceError::precondition(
-                "PSEUDONYM_KEY_NOT_CONFIGURED",
-                "this deployment holds no national pseudonym key (EXCHANGE_PSEUDONYM_KEY)",
-            )
-            .into());
+            return Err(no_pseudonym_key().into());
         };
         let mut out = pb::GetExchangePseudonymsResponse::default();
         for (index, id) in ids.into_iter().enumerate() {
@@ -692,17 +696,11 @@ impl IdentityService for IdentityRpc {
             v.add("pseudonyms", "1 to 1,000 pseudonyms");
         }
         for (i, p) in r.pseudonyms.iter().enumerate() {
-            if p.len() != 64 || !p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-                v.add(format!("pseudonyms[{i}]"), "64 lower-case hex characters");
-            }
+            healthcode_errors::fields::pseudonym(&mut v, &format!("pseudonyms[{i}]"), p);
         }
         if self.pseudonym_key.is_none() {
             v.finish()?;
-            return Err(ServiceError::precondition(
-                "PSEUDONYM_KEY_NOT_CONFIGURED",
-                "this deployment holds no national pseudonym key (EXCHANGE_PSEUDONYM_KEY)",
-            )
-            .into());
+            return Err(no_pseudonym_key().into());
         }
         if r.pseudonym_key_id.is_empty() || r.pseudonym_key_id.len() > 64 {
             v.add("pseudonym_key_id", "required, at most 64 characters");

@@ -25,6 +25,17 @@ pub fn person_id(v: &mut Violations, field: &str, person_id: Option<&str>) -> St
 }
 
 /// The idempotency key of a retry-safe call.
+/// A national exchange pseudonym: 64 lower-case hex characters (HMAC-SM3).
+pub fn pseudonym(v: &mut Violations, field: &str, value: &str) {
+    if value.len() != 64
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        v.add(field, "a pseudonym: 64 lower-case hex characters");
+    }
+}
+
 pub fn request_id(v: &mut Violations, value: &str) {
     if value.is_empty()
         || value.len() > 128

@@ -310,14 +310,35 @@ async fn stall_a_partner(
         );
     }
     let filler = a.mesh.verified_person(9_999).await;
-    issue_alternating(
-        a.mesh.exchange.service(),
-        &filler,
-        records,
-        [CodeColor::Yellow, CodeColor::Green],
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("issue: {e}"))?;
+    let service = a.mesh.exchange.service();
+    let issue =
+        |n: u64| issue_alternating(service, &filler, n, [CodeColor::Yellow, CodeColor::Green]);
+    issue(1).await.map_err(|e| anyhow::anyhow!("issue: {e}"))?;
+    // What one record costs on a stream, to fill more than the client's HTTP/2 stream
+    // window (hyper's default, 2 MiB) and the stream's 64-record buffer, with a margin.
+    let latest = service
+        .latest_sequence()
+        .await
+        .map_err(|e| anyhow::anyhow!("latest: {e}"))?;
+    let item = service
+        .issued_after(latest - 1, 1)
+        .await
+        .map_err(|e| anyhow::anyhow!("read: {e}"))?
+        .pop()
+        .map(|(sequence, record)| pb::SubscribeResponse {
+            item: Some(pb::subscribe_response::Item::Record(record)),
+            cursor: exchange::service::cursor(&a.code, sequence),
+        })
+        .ok_or_else(|| anyhow::anyhow!("no record issued"))?;
+    let size = prost::Message::encoded_len(&item) as u64 + 9;
+    let records = records.max((3 << 20) / size + 64);
+    eprintln!(
+        "hc-bench: {records} records of about {size} bytes ({:.1} MiB per stalled stream)",
+        (records * size) as f64 / f64::from(1 << 20)
+    );
+    issue(records)
+        .await
+        .map_err(|e| anyhow::anyhow!("issue: {e}"))?;
     Ok(streams)
 }
 

@@ -711,10 +711,10 @@ async fn two_provinces_share_colors_over_mutual_tls() {
         &uuid::Uuid::new_v4().to_string(),
     )
     .await
-    .expect_err("a partner that cannot answer");
+    .expect_err("a partner that cannot be asked");
     assert_eq!(
-        incomplete.code(),
-        tonic::Code::Unavailable,
+        (incomplete.code(), integration_tests::reason(&incomplete)),
+        (tonic::Code::FailedPrecondition, "PARTNER_NOT_USABLE".into()),
         "an incomplete check is not recorded in risk as 'nothing held'"
     );
     let unknown = check_in(

@@ -155,24 +155,26 @@ impl ExchangeConfig {
                 );
             }
         }
-        let national_check_partners: Vec<String> = env
+        let mut national_check_partners: Vec<String> = Vec::new();
+        for id in env
             .or("NATIONAL_CHECK_PARTNERS", String::new())?
             .split(',')
             .map(str::trim)
             .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect();
+        {
+            // Each once, in order: the check's reference names the partners asked.
+            if !national_check_partners.iter().any(|p| p == id) {
+                national_check_partners.push(id.to_owned());
+            }
+        }
         if national_check_partners.len() > crate::sync::MAX_CHECKED_PARTNERS
-            || national_check_partners.iter().any(|p| {
-                p.len() > 64
-                    || !p
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
-            })
+            || national_check_partners
+                .iter()
+                .any(|p| p != "national" && !is_province(p))
         {
             return Err(ConfigError::invalid(
                 "NATIONAL_CHECK_PARTNERS",
-                "at most 16 partner ids (digits, lower-case letters, '-'), comma-separated",
+                "at most 16 partner ids, each `national` or a province code, comma-separated",
             ));
         }
         if !national_check_partners.is_empty() && risk_url.is_none() {

@@ -17,6 +17,10 @@ pub const CONFIRMATION_TOPIC: &str = "risk.directive_pending";
 /// The consumer group that asks the national checks.
 pub const CONFIRM_GROUP: &str = "exchange-national-check";
 
+/// A directive issued longer ago is not checked any more: its pending change has lapsed
+/// (risk's default timeout is a day), and a group created late does not replay old ones.
+pub const STALE_AFTER: chrono::Duration = chrono::Duration::days(1);
+
 pub struct AskNationalCheck {
     pub sync: Arc<PartnerSync>,
     /// The partners asked (the national platform, or the provinces that stand in for it).
@@ -40,6 +44,11 @@ impl Handler for AskNationalCheck {
             if directive.state != DirectiveState::PendingConfirmation as i32 {
                 continue;
             }
+            let issued = healthcode_proto::time::from_ts(&directive.issued_at);
+            if issued.is_none_or(|t| t < chrono::Utc::now() - STALE_AFTER) {
+                tracing::info!(directive = %directive.directive_id, "pending directive too old to check; skipped");
+                continue;
+            }
             let request_id = format!("directive-{}", directive.directive_id);
             match self
                 .sync
@@ -52,8 +61,9 @@ impl Handler for AskNationalCheck {
                     "national check of a pending directive recorded"
                 ),
                 // No partner answered, one of them did not, risk or this service's database
-                // failed: asked again (with backoff) until the answer is recorded. The
-                // directive stays pending meanwhile, as it would without the check.
+                // failed: asked again (with backoff) until the answer is recorded, or the
+                // directive is too old. It stays pending meanwhile, as it would without the
+                // check.
                 Err(
                     err @ (ServiceError::Unavailable(_)
                     | ServiceError::DeadlineExceeded(_)
@@ -64,8 +74,9 @@ impl Handler for AskNationalCheck {
                         directive.directive_id
                     )));
                 }
-                // What asking again cannot mend (a person identity does not know, no risk
-                // service configured): logged; the directive waits for a manual check.
+                // What asking again cannot mend (a partner unknown, suspended or refusing, a
+                // person identity does not know): logged; the directive waits for a manual
+                // check.
                 Err(err) => tracing::warn!(
                     directive = %directive.directive_id,
                     error = %err,

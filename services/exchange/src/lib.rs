@@ -93,7 +93,7 @@ pub struct Application {
     service: Arc<Exchange>,
     consumer: ConsumerHandle,
     /// Applies received records (and held ones to persons who register later).
-    apply: Option<[ConsumerHandle; 2]>,
+    apply: Option<[ConsumerHandle; 3]>,
     /// Asks the national check of directives risk holds pending.
     confirm: Option<ConsumerHandle>,
     relay: RelayHandle,
@@ -145,6 +145,7 @@ impl Application {
                 Some([
                     consume(service::RECEIVED_TOPIC, received::APPLY_GROUP),
                     consume(received::PSEUDONYM_TOPIC, received::REGISTERED_GROUP),
+                    consume(service::DISTRUSTED_TOPIC, received::WITHDRAW_GROUP),
                 ])
             }
             None => {
@@ -204,16 +205,16 @@ impl Application {
             Some(listener) => {
                 let mut settings = config.server.clone();
                 settings.listen_addr = listener.addr;
-                Some(
-                    healthcode_server::start_tls(
-                        &settings,
-                        routes(),
-                        &[SERVICE_NAME],
-                        healthcode_proto::FILE_DESCRIPTOR_SET,
-                        Some(tls::server_tls(&listener.server, &listener.client_ca_pem)),
-                    )
-                    .await?,
+                let server = healthcode_server::start_tls(
+                    &settings,
+                    routes(),
+                    &[SERVICE_NAME],
+                    healthcode_proto::FILE_DESCRIPTOR_SET,
+                    Some(tls::server_tls(&listener.server, &listener.client_ca_pem)),
                 )
+                .await?;
+                tracing::info!(addr = %server.local_addr(), "partner listener (mutual TLS) ready");
+                Some(server)
             }
         };
         let consumer = Consumer::new(

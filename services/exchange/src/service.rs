@@ -12,7 +12,9 @@ use healthcode_db::db_error;
 use healthcode_db::replies::{begin_write, commit_with, load};
 use healthcode_errors::ServiceError;
 use healthcode_events::Relay;
-use healthcode_proto::common::v1::{CodeColor, ItemError, PersonRef, ReasonCode, SignedEnvelope};
+use healthcode_proto::common::v1::{
+    CodeColor, ItemError, PersonRef, PublicKey, ReasonCode, SignedEnvelope,
+};
 use healthcode_proto::exchange::v1 as pb;
 use healthcode_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use healthcode_proto::identity::v1::{ExchangePseudonym, GetExchangePseudonymsRequest};
@@ -91,6 +93,12 @@ pub struct Exchange {
 /// person; keyed by pseudonym). The `exchange-apply` consumer gives the risk service each
 /// province's latest record about them, so that the gateway shows the merged color.
 pub const RECEIVED_TOPIC: &str = "exchange.record_received";
+
+/// Partner keys newly distrusted (payload `PartnerKey`, keyed by key id): the
+/// `exchange-apply` consumer pages through the pseudonyms with a record under the key and
+/// applies their held records again, which withdraws the key's decisions from the colors
+/// shown.
+pub const DISTRUSTED_TOPIC: &str = "exchange.key_distrusted";
 
 /// The payload of [`RECEIVED_TOPIC`] for one pseudonym.
 pub fn received_notice(pseudonym: &str, pseudonym_key_id: &str) -> (String, Vec<u8>) {
@@ -583,39 +591,39 @@ impl Exchange {
             .exec(&txn)
             .await
             .map_err(db_error)?;
-        // Newly distrusted: every person with a record under this key has their held
-        // records applied again, in this transaction, so that the decisions it signed are
-        // withdrawn from the colors shown here and none is missed by a crash.
-        let withdrawn = if distrust_earlier && !key.distrust_earlier {
-            let pseudonyms: Vec<String> = inbound::Entity::find()
-                .select_only()
-                .column(inbound::Column::Pseudonym)
-                .distinct()
-                .filter(inbound::Column::KeyId.eq(key_id))
-                .into_tuple()
-                .all(&txn)
-                .await
-                .map_err(db_error)?;
-            let notices: Vec<_> = pseudonyms.iter().map(|p| received_notice(p, "")).collect();
-            healthcode_events::outbox::enqueue_many(&txn, RECEIVED_TOPIC, notices)
-                .await
-                .map_err(db_error)?;
-            pseudonyms.len()
-        } else {
-            0
-        };
+        // Newly distrusted: announced in this transaction, so that the decisions the key
+        // signed are withdrawn from the colors shown here (the consumer pages through the
+        // persons concerned) and a crash misses none.
+        let newly_distrusted = distrust_earlier && !key.distrust_earlier;
+        if newly_distrusted {
+            let notice = pb::PartnerKey {
+                key: Some(PublicKey {
+                    key_id: key_id.to_owned(),
+                    ..Default::default()
+                }),
+                distrust_earlier: true,
+                ..Default::default()
+            };
+            healthcode_events::outbox::enqueue(
+                &txn,
+                DISTRUSTED_TOPIC,
+                key_id,
+                notice.encode_to_vec(),
+            )
+            .await
+            .map_err(db_error)?;
+        }
         let answer = Self::message_of(&txn, partner_id).await?;
         tracing::warn!(
             partner = %partner_id,
             key_id = %key_id,
             distrust_earlier,
-            persons_to_withdraw = withdrawn,
             "partner key revoked"
         );
         let answer = commit_with(&self.db, txn, &reply_key, answer)
             .await
             .map_err(db_error)?;
-        if withdrawn > 0 {
+        if newly_distrusted {
             self.relay.wake();
         }
         Ok(answer)
@@ -1633,8 +1641,10 @@ impl Exchange {
         &self,
         received: &[inbound::Model],
     ) -> Result<std::collections::HashSet<String>, ServiceError> {
+        let key_ids: std::collections::BTreeSet<&str> =
+            received.iter().map(|r| r.key_id.as_str()).collect();
         Ok(partner_key::Entity::find()
-            .filter(partner_key::Column::KeyId.is_in(received.iter().map(|r| r.key_id.clone())))
+            .filter(partner_key::Column::KeyId.is_in(key_ids))
             .filter(partner_key::Column::DistrustEarlier.eq(true))
             .all(&self.db)
             .await
@@ -1642,6 +1652,27 @@ impl Exchange {
             .into_iter()
             .map(|k| k.key_id)
             .collect())
+    }
+
+    /// Up to `limit` pseudonyms with a record signed by `key_id`, in order, after `after`.
+    pub async fn pseudonyms_under_key(
+        &self,
+        key_id: &str,
+        after: &str,
+        limit: u64,
+    ) -> Result<Vec<String>, ServiceError> {
+        inbound::Entity::find()
+            .select_only()
+            .column(inbound::Column::Pseudonym)
+            .distinct()
+            .filter(inbound::Column::KeyId.eq(key_id))
+            .filter(inbound::Column::Pseudonym.gt(after))
+            .order_by_asc(inbound::Column::Pseudonym)
+            .limit(limit)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(db_error)
     }
 
     /// For each of `pseudonyms`, the latest record each province sent about it, with

@@ -301,6 +301,18 @@ impl PartnerSync {
             answer.color = deciding.color;
             answer.reason_codes = deciding.reason_codes.clone();
         }
+        if record_in_risk && failed > timed_out {
+            // A partner that refused, or that cannot be asked (unknown, suspended, no
+            // certificate): asking again will not mend it.
+            return Err(ServiceError::precondition(
+                "PARTNER_NOT_USABLE",
+                format!(
+                    "{} of {} partners refused or cannot be asked; nothing was recorded in risk",
+                    failed - timed_out,
+                    partner_ids.len()
+                ),
+            ));
+        }
         if record_in_risk && failed > 0 {
             // An unanswered partner is not "nothing held": passing it on would let risk
             // reject a pending change that partner would have confirmed.

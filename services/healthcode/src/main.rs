@@ -101,7 +101,8 @@ enum TokenCommand {
         #[arg(long)]
         subject: String,
         /// Comma-separated roles: app, official, reviewer, full_view, venue, internal,
-        /// policy_admin, approver, auditor, hotline, batch_checker.
+        /// policy_admin, approver, auditor, hotline, batch_checker, health_admin,
+        /// institution, lab, payment_provider, vaccination_site, exchange_admin, exchange.
         #[arg(long, value_delimiter = ',')]
         roles: Vec<String>,
         #[arg(long, default_value_t = 24)]

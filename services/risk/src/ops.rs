@@ -737,7 +737,15 @@ impl Risk {
                         .filter(|d| d.state == DirectiveState::PendingConfirmation as i32)
                         .filter_map(|d| {
                             let person = d.person.as_ref()?.person_id.clone();
-                            Some((person, d.encode_to_vec()))
+                            // What the check needs, not the directive's documents.
+                            let pending = pb::Directive {
+                                directive_id: d.directive_id.clone(),
+                                person: d.person.clone(),
+                                state: d.state,
+                                issued_at: d.issued_at,
+                                ..Default::default()
+                            };
+                            Some((person, pending.encode_to_vec()))
                         })
                         .collect();
                     if !pending.is_empty() {

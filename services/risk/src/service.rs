@@ -100,8 +100,9 @@ pub struct Applied {
 /// The topic alerts go out on (held bulk changes), for the operators' alerting.
 pub const ALERT_TOPIC: &str = "risk.alert";
 
-/// Each directive that waits for the national check (payload `Directive`, keyed by
-/// person): the exchange asks its national-check partners and records the answer here.
+/// Each directive that waits for the national check (payload `Directive` with its id,
+/// person, state and issue time only; keyed by person): the exchange asks its
+/// national-check partners and records the answer here.
 pub const CONFIRMATION_TOPIC: &str = "risk.directive_pending";
 
 fn person_ref(id: &str) -> Option<PersonRef> {

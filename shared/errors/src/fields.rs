@@ -24,7 +24,6 @@ pub fn person_id(v: &mut Violations, field: &str, person_id: Option<&str>) -> St
     }
 }
 
-/// The idempotency key of a retry-safe call.
 /// A national exchange pseudonym: 64 lower-case hex characters (HMAC-SM3).
 pub fn pseudonym(v: &mut Violations, field: &str, value: &str) {
     if value.len() != 64
@@ -36,6 +35,7 @@ pub fn pseudonym(v: &mut Violations, field: &str, value: &str) {
     }
 }
 
+/// The idempotency key of a retry-safe call.
 pub fn request_id(v: &mut Violations, value: &str) {
     if value.is_empty()
         || value.len() > 128

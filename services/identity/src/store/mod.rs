@@ -9,7 +9,6 @@ use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use entities::{exchange_pseudonym, person, phone_challenge, review, sms_send, step};
 use healthcode_crypto::{FieldCipher, PseudonymKey};
-use healthcode_proto::common::v1::PersonRef;
 use healthcode_proto::identity::v1::ExchangePseudonym;
 use prost::Message;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
@@ -174,7 +173,8 @@ pub struct Store {
 }
 
 /// The topic on which each registration publishes the new person's exchange pseudonym
-/// (payload `ExchangePseudonym`), so that records held before they registered reach them.
+/// (payload `ExchangePseudonym` without the person), so that records held before they
+/// registered reach them.
 pub const PSEUDONYM_TOPIC: &str = "identity.pseudonym_registered";
 
 impl Store {
@@ -364,10 +364,10 @@ impl Store {
             exchange_pseudonym::Entity::insert(exchange_pseudonym::ActiveModel::from(row.clone()))
                 .exec_without_returning(&txn)
                 .await?;
+            // The pseudonym alone: the mapping to a person stays with ResolveExchangePseudonyms
+            // (role `exchange`), not on a bus every service reads.
             let event = ExchangePseudonym {
-                person: Some(PersonRef {
-                    person_id: id.clone(),
-                }),
+                person: None,
                 pseudonym: row.pseudonym.clone(),
                 pseudonym_key_id: row.key_id.clone(),
             };

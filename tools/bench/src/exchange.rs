@@ -34,7 +34,8 @@ pub struct ExchangeRun {
     pub records: usize,
     /// Records per PublishRecords call.
     pub batch: usize,
-    /// Records A issues while a partner's streams read nothing (to fill their buffers).
+    /// Records A issues while a partner's streams read nothing, at least (enough to fill
+    /// their HTTP/2 windows and buffers is always issued).
     pub stall_records: u64,
     pub threads: usize,
     pub warmup: Duration,

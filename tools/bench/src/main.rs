@@ -61,8 +61,9 @@ struct ExchangeArgs {
     /// Records per PublishRecords call.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1000))]
     batch: u64,
-    /// Records A issues while a partner of A reads nothing (enough to fill its buffers).
-    #[arg(long, default_value_t = 4000)]
+    /// Records A issues while a partner of A reads nothing, at least: the bench always
+    /// issues enough to exceed the stalled streams' HTTP/2 window (2 MiB) and buffers.
+    #[arg(long, default_value_t = 0)]
     stall_records: u64,
 }
 
